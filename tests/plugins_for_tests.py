@@ -1,0 +1,19 @@
+"""Reward plugins used by the tests (importable as `plugins_for_tests:NAME` with tests/ on sys.path)."""
+import time
+
+
+def hangs(completion, sample):
+    while True:
+        time.sleep(1)
+
+
+def raises(completion, sample):
+    raise RuntimeError(f"plugin exploded on {sample['answer']}")
+
+
+def brevity(completion, sample):
+    return 1.0 / (1 + len(completion))
+
+
+def returns_text(completion, sample):
+    return "not a number"
