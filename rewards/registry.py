@@ -64,8 +64,13 @@ def _load_entry_points() -> None:
         _REGISTRY[ep.name] = RewardFn(ep.name, fn)
 
 
+def _builtins() -> None:
+    import rewards.code  # noqa: F401  (registers the builtins)
+    import rewards.functions  # noqa: F401
+
+
 def known() -> list[str]:
-    import rewards.functions  # noqa: F401  (registers the builtins)
+    _builtins()
 
     _load_entry_points()
     return sorted(_REGISTRY)
@@ -73,7 +78,7 @@ def known() -> list[str]:
 
 def get(spec: str) -> RewardFn:
     """Resolve a registry name or `module:function`; errors name the plugin and list the known names."""
-    import rewards.functions  # noqa: F401
+    _builtins()
 
     if spec in _REGISTRY:
         return _REGISTRY[spec]

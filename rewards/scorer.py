@@ -109,7 +109,9 @@ class RewardScorer:
     # ------------------------------------------------------------------------------------------------ plugins
     def _plugin(self, rf: RewardFn, completions: list[str], samples: list[Mapping[str, Any]], stats: dict) -> list[float]:
         n = len(completions)
-        if rf.trusted:  # builtin, in-process
+        if rf.trusted:  # builtin, in-process (bounded by construction, e.g. the code reward's sandbox timeouts)
+            if rf.batched:
+                return [float(v) for v in rf.fn(completions, samples)]
             return [float(rf.fn(c, s)) for c, s in zip(completions, samples)]
         if rf.batched:
             (r,) = self.pool.map(_call_batched, [(rf.fn, completions, list(samples))], self.batch_timeout_s,
