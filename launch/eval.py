@@ -1,0 +1,44 @@
+"""Evaluate a model (vLLM, R1 sampling) or a file of completions on a benchmark.
+
+  python launch/eval.py --benchmark math500 --model PATH --output runs/eval/math500.json
+  python launch/eval.py --benchmark aime24 --completions my_samples.jsonl --output results.json
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from data.benchmarks import BENCHMARKS
+    from rl.eval.harness import Sampling, evaluate
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--benchmark", required=True, help=f"one of {sorted(BENCHMARKS)} or a JSONL path")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="HF model path or hub id (generation through vLLM)")
+    src.add_argument("--completions", help='JSONL of {"index": i, "completion": "..."} rows')
+    ap.add_argument("--output", required=True, help="results.json path (per-sample JSONL written beside it)")
+    ap.add_argument("--samples-output", help="per-sample JSONL path (default: <output>.samples.jsonl)")
+    ap.add_argument("--n", type=int, help="samples per problem (default: 4 for MATH500, 16 for AIME, ...)")
+    ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--max-tokens", type=int, default=32768)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--template", default="chat", choices=["chat", "r1_zero", "plain"])
+    ap.add_argument("--force-think", action="store_true", help="start every answer with '<think>\\n'")
+    ap.add_argument("--limit", type=int, help="only the first N problems")
+    ap.add_argument("--timeout", type=float, default=5.0, help="grader timeout per answer, seconds")
+    args = ap.parse_args(argv)
+    sampling = Sampling(args.temperature, args.top_p, args.n, args.max_tokens, args.seed, args.template,
+                        args.force_think)
+    evaluate(args.benchmark, model=args.model, completions_file=args.completions, sampling=sampling,
+             output=args.output, samples_output=args.samples_output, limit=args.limit, timeout_s=args.timeout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

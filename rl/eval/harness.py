@@ -1,0 +1,201 @@
+"""The evaluation harness: R1 sampling through vLLM (or completions made elsewhere), graded by the same grader
+the rewards use, reported with pass@k, maj@k and 95% intervals.
+
+Outputs: `results.json` ({benchmark, num_problems, samples_per_problem, metrics, sampling, model, breakdown,
+grader}) and a per-sample JSONL (index, sample, extracted answer, verdict, completion).
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from data.benchmarks import Benchmark, load_benchmark
+from data.loading import DataError
+from rewards.extract import extract_answer
+from rewards.math import GRADER_STATS, fast_verdict, grade_answer, grader_pool, verify_batch
+from rl.eval.metrics import aggregate
+
+
+@dataclass
+class Sampling:
+    """R1 evaluation defaults (DeepSeek-R1 paper, section 3): T=0.6, top-p=0.95, several samples."""
+    temperature: float = 0.6
+    top_p: float = 0.95
+    n: int | None = None            # None: the benchmark's default (4 for MATH500, 16 for AIME)
+    max_tokens: int = 32768
+    seed: int = 0
+    template: str = "chat"          # chat | r1_zero | plain (see data.prompts.build_prompt)
+    force_think: bool = False
+
+
+def read_completions(path: str | Path, problems: list[dict[str, Any]]) -> dict[int, list[str]]:
+    """`{"index": i, "completion": "..."}` rows -> {index: [completions]}. Errors name the line."""
+    valid = {p["index"] for p in problems}
+    out: dict[int, list[str]] = defaultdict(list)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {lineno}: expected a JSON object")
+            for key in ("index", "completion"):
+                if key not in row:
+                    raise DataError(f"{path}: line {lineno}: missing field {key!r}")
+            idx = row["index"]
+            if not isinstance(idx, int) or isinstance(idx, bool):
+                raise DataError(f"{path}: line {lineno}: 'index' must be an integer, got {idx!r}")
+            if idx not in valid:
+                raise DataError(f"{path}: line {lineno}: index {idx} is not a problem of this benchmark "
+                                f"(valid: {min(valid)}..{max(valid)}, {len(valid)} problems)")
+            if not isinstance(row["completion"], str):
+                raise DataError(f"{path}: line {lineno}: 'completion' must be a string")
+            out[idx].append(row["completion"])
+    if not out:
+        raise DataError(f"{path}: no completions")
+    return dict(out)
+
+
+def generate_completions(model: str | None, problems: list[dict[str, Any]], sampling: Sampling, n: int,
+                         llm: Any = None) -> dict[int, list[str]]:
+    """Sample n completions per problem with vLLM (an engine can be passed in, e.g. GRPO's rollout engine)."""
+    from transformers import AutoTokenizer
+
+    from data.prompts import build_prompt
+    from rl.rollout.vllm_engine import generate, make_llm, sampling_params
+
+    if llm is None:
+        if model is None:
+            raise ValueError("generate_completions needs a model path or an engine")
+        llm = make_llm(model, max_model_len=sampling.max_tokens + 2048, seed=sampling.seed)
+    tok = AutoTokenizer.from_pretrained(model) if model else llm.get_tokenizer()
+    template = sampling.template if (sampling.template != "chat" or tok.chat_template) else "r1_zero"
+    prompts = [build_prompt(p["problem"], tok, template=template, force_think=sampling.force_think) for p in problems]
+    params = sampling_params(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
+                             max_tokens=sampling.max_tokens, seed=sampling.seed, logprobs=False)
+    outs = generate(llm, prompts, params, use_tqdm=True)
+    prefix = "<think>\n" if sampling.force_think else ""  # the forced tag is part of the answer's text
+    return {p["index"]: [prefix + s.text for s in samples] for p, samples in zip(problems, outs)}
+
+
+def _equivalent(a: str, b: str, timeout_s: float) -> bool:
+    v = fast_verdict(a, b)
+    if v is not None:
+        return v
+    (r,) = grader_pool().map(grade_answer, [(a, b)], timeout_s)
+    return bool(r.value) if r.status == "ok" else False
+
+
+def grade(spec: Benchmark, problems: list[dict[str, Any]], completions: Mapping[int, list[str]],
+          timeout_s: float = 5.0) -> list[dict[str, Any]]:
+    """One record per sample: index, sample, answer (extracted), correct."""
+    by_index = {p["index"]: p for p in problems}
+    flat = [(i, k, c) for i, cs in completions.items() for k, c in enumerate(cs)]
+    records = []
+    chunk = 256
+    for start in tqdm(range(0, len(flat), chunk), desc=f"grading {spec.name}", unit="chunk"):
+        part = flat[start:start + chunk]
+        comps = [c for _, _, c in part]
+        samples = [by_index[i] for i, _, _ in part]
+        if spec.kind == "code":
+            from rewards.code import code_reward_batch, extract_program
+
+            verdicts = [r == 1.0 for r in code_reward_batch(comps, samples, all_or_nothing=True)]
+            answers = [extract_program(c) for c in comps]
+        else:
+            verdicts = verify_batch(comps, [s["answer"] for s in samples], timeout_s=timeout_s)
+            answers = [extract_answer(c) for c in comps]
+        for (i, k, c), a, v in zip(part, answers, verdicts):
+            records.append({"index": i, "sample": k, "answer": a, "correct": bool(v), "completion": c})
+    return records
+
+
+def summarize(spec: Benchmark, problems: list[dict[str, Any]], records: list[dict[str, Any]],
+              timeout_s: float = 5.0) -> tuple[dict[str, float], dict[str, Any]]:
+    groups: dict[int, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[r["index"]].append(r)
+    order = [p["index"] for p in problems if p["index"] in groups]
+    verdicts = [[r["correct"] for r in groups[i]] for i in order]
+    answers = [[r["answer"] for r in groups[i]] for i in order] if spec.kind == "math" else None
+    metrics = aggregate(verdicts, answers, (lambda a, b: _equivalent(a, b, timeout_s)) if answers else None)
+    breakdown: dict[str, Any] = {}
+    by_index = {p["index"]: p for p in problems}
+    for key in ("level", "subject"):
+        if key in spec.meta:
+            buckets: dict[str, list[float]] = defaultdict(list)
+            for i, v in zip(order, verdicts):
+                buckets[str(by_index[i][key])].append(sum(v) / len(v))
+            breakdown[f"by_{key}"] = {b: {"pass@1": sum(x) / len(x), "num_problems": len(x)}
+                                      for b, x in sorted(buckets.items())}
+    return metrics, breakdown
+
+
+def evaluate(benchmark: str, *, model: str | None = None, completions_file: str | None = None,
+             sampling: Sampling | None = None, output: str | Path | None = None, samples_output: str | Path | None = None,
+             limit: int | None = None, llm: Any = None, timeout_s: float = 5.0, quiet: bool = False) -> dict[str, Any]:
+    """Run one benchmark end to end; returns the results dict (also written to `output` when given)."""
+    t0 = time.time()
+    sampling = sampling or Sampling()
+    spec, problems = load_benchmark(benchmark)
+    if limit is not None:
+        problems = problems[:limit]
+    if (model is None and llm is None) == (completions_file is None):
+        raise ValueError("give exactly one of a model (or engine) and a completions file")
+    stats_before = dict(GRADER_STATS)
+    if completions_file is not None:
+        completions = read_completions(completions_file, problems)
+        problems = [p for p in problems if p["index"] in completions]
+        n_per = sorted({len(v) for v in completions.values()})
+        samples_per_problem: Any = n_per[0] if len(n_per) == 1 else n_per
+    else:
+        n = sampling.n or spec.samples
+        completions = generate_completions(model, problems, sampling, n, llm=llm)
+        samples_per_problem = n
+    records = grade(spec, problems, completions, timeout_s)
+    metrics, breakdown = summarize(spec, problems, records, timeout_s)
+    results = {
+        "benchmark": spec.name, "num_problems": len(problems), "samples_per_problem": samples_per_problem,
+        "metrics": metrics, "sampling": asdict(sampling) if completions_file is None else None,
+        "model": model if completions_file is None else None, "completions_file": completions_file,
+        "breakdown": breakdown,
+        "grader": {k: GRADER_STATS[k] - stats_before.get(k, 0) for k in ("timeouts", "errors", "slow_path")},
+        "wall_s": round(time.time() - t0, 2),
+    }
+    if output:
+        out = Path(output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        per = Path(samples_output) if samples_output else out.with_name(out.stem + ".samples.jsonl")
+        with open(per, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    if not quiet:
+        print(summary_table(results))
+    return results
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    m = results["metrics"]
+    lines = [f"{results['benchmark']}: {results['num_problems']} problems x {results['samples_per_problem']} samples",
+             f"{'metric':<10} {'value':>8}   95% CI"]
+    for key, v in m.items():
+        if key.endswith(("_low", "_high")):
+            continue
+        lo, hi = m.get(f"{key}_ci95_low"), m.get(f"{key}_ci95_high")
+        ci = f"[{lo:.3f}, {hi:.3f}]" if lo is not None else ""
+        lines.append(f"{key:<10} {v:>8.4f}   {ci}")
+    for name, table in results.get("breakdown", {}).items():
+        lines.append(f"-- {name}")
+        lines += [f"   {b:<28} {row['pass@1']:.3f}  (n={row['num_problems']})" for b, row in table.items()]
+    return "\n".join(lines)
