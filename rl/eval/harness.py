@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from data.benchmarks import Benchmark, load_benchmark
 from data.loading import DataError
+from rewards.countdown import check_expression
 from rewards.extract import extract_answer
 from rewards.math import GRADER_STATS, fast_verdict, grade_answer, grader_pool, verify_batch
 from rl.eval.metrics import aggregate
@@ -115,6 +116,9 @@ def grade(spec: Benchmark, problems: list[dict[str, Any]], completions: Mapping[
         else:
             verdicts = verify_batch(comps, [s["answer"] for s in samples], timeout_s=timeout_s)
             answers = [extract_answer(c) for c in comps]
+            for j, s in enumerate(samples):  # countdown rows: the expression is evaluated, not compared
+                if s.get("task") == "countdown":
+                    verdicts[j] = bool(answers[j]) and check_expression(answers[j], s["numbers"], s["target"])
         for (i, k, c), a, v in zip(part, answers, verdicts):
             records.append({"index": i, "sample": k, "answer": a, "correct": bool(v), "completion": c})
     return records

@@ -36,3 +36,31 @@ class R1WorkerExtension:
         """Float64 sum of every parameter, for checking that a weight sync arrived."""
         return {n: float(p.detach().double().sum()) for n, p in self._r1lab_model().named_parameters()
                 if p.numel() > 0}
+
+    def r1lab_load_from_dir(self, path: str) -> dict[str, float]:
+        """In-place reload from HF safetensors in `path`, streaming the tensors through vLLM's loader.
+
+        Returns the float64 sum of every tensor actually fed to the engine, so the trainer can check that what
+        arrived is what it sent (on CPU vLLM repacks linear weights into kernel formats and drops the
+        originals, so the engine's own parameters cannot all be read back)."""
+        import glob
+        import os
+
+        from safetensors import safe_open
+
+        sums: dict[str, float] = {}
+
+        def tensors():
+            files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+            if not files:
+                raise FileNotFoundError(f"no .safetensors files in {path}")
+            for f in files:
+                with safe_open(f, framework="pt") as sf:
+                    for name in sf.keys():
+                        t = sf.get_tensor(name)
+                        sums[name] = float(t.double().sum())
+                        yield name, t
+
+        self.reload_weights(weights_iterator=tensors(), is_checkpoint_format=True)  # type: ignore[attr-defined]
+        self.r1lab_retie_lm_head()
+        return sums

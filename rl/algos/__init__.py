@@ -1,0 +1,8 @@
+"""GRPO family algorithms as pure functions: advantage estimators, policy losses, KL estimators, aggregation."""
+from rl.algos.advantages import ADVANTAGE_ESTIMATORS, compute_advantages, register_advantage
+from rl.algos.losses import (LOSS_AGGREGATIONS, POLICY_LOSSES, agg_loss, entropy_from_logits, kl_penalty,
+                             register_policy_loss, token_logprobs)
+
+__all__ = ["ADVANTAGE_ESTIMATORS", "compute_advantages", "register_advantage", "POLICY_LOSSES",
+           "register_policy_loss", "LOSS_AGGREGATIONS", "agg_loss", "kl_penalty", "entropy_from_logits",
+           "token_logprobs"]

@@ -1,0 +1,64 @@
+"""Run logging: JSONL metrics (the source of truth), TensorBoard, and a progress bar with ETA."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    def __init__(self, out_dir: Path, tensorboard: bool = True, progress: bool = True, total_steps: int = 0,
+                 start_step: int = 0) -> None:
+        self.path = out_dir / "metrics.jsonl"
+        self._truncate_after(start_step)
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="grpo", unit="step", dynamic_ncols=True)
+        self._names_printed = False
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop lines of steps after the checkpoint, so the stream continues without repeats."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        row = {"step": step, **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if not self._names_printed:  # the job log shows every metric name once
+            print("metrics: " + ", ".join(sorted(metrics)), flush=True)
+            self._names_printed = True
+        summary = (f"step {step} reward {metrics.get('rollout/reward_mean', 0):.3f} "
+                   f"acc {metrics.get('reward/accuracy_mean', 0):.3f} len {metrics.get('rollout/response_length_mean', 0):.1f} "
+                   f"pg {metrics.get('actor/pg_loss', 0):+.4f} kl {metrics.get('actor/kl', 0):.4f}")
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(summary.split(" ", 2)[2])
+        else:
+            print(summary, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
