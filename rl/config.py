@@ -90,7 +90,7 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = prefix.rstrip(".") or cls.__name__
-        raise ConfigError(f"unknown key {prefix}{unknown[0]!r} in {where}; allowed: {sorted(fields)}")
+        raise ConfigError(f"unknown key '{prefix}{unknown[0]}' in {where}; allowed: {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
         tp, key = hints[name], f"{prefix}{name}"

@@ -36,3 +36,46 @@ def vllm_engine(tiny):
     llm = make_llm(str(tiny.qwen2), max_model_len=1024)
     yield llm
     shutdown(llm)
+
+
+SFT_OVERRIDES = ["model.path=tiny:qwen2", "data.source=synthetic:chain_sum", "data.num_train=700",
+                 "data.task_knobs={min_terms: 2, max_terms: 2, min_value: 1, max_value: 30}",
+                 "train.max_steps=300", "train.batch_size=32", "train.lr=0.003", "train.lr_schedule=cosine",
+                 "train.warmup_ratio=0.05", "train.logging_steps=20"]
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(tiny):
+    """A tiny Qwen2 after cold-start SFT on chain sums (built once per cache, ~15 s): (final dir, summary)."""
+    import hashlib
+    import json
+
+    from rl.config import load_config
+    from rl.sft.config import SFTStageConfig
+    from rl.sft.train import run_sft
+
+    key = hashlib.sha256(json.dumps(SFT_OVERRIDES).encode() + tiny.qwen2.name.encode()).hexdigest()[:12]
+    out = Path(os.environ["R1LAB_CACHE_DIR"]) / "sft" / key
+    if not (out / "summary.json").exists():
+        cfg = load_config(SFTStageConfig, None, SFT_OVERRIDES + [f"output_dir={out}", "train.resume=never"])
+        run_sft(cfg)
+    return out / "final", json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def heldout_file():
+    return write_heldout
+
+
+def write_heldout(path: Path, n: int = 128, **knobs) -> str:
+    """Held-out chain-sum problems as a JSONL benchmark file."""
+    import json
+
+    from data.tasks import make_task
+
+    knobs = knobs or {"min_terms": 2, "max_terms": 2, "min_value": 1, "max_value": 30}
+    ds = make_task("chain_sum", n, split="test", seed=0, **knobs)
+    with open(path, "w") as f:
+        for r in ds:
+            f.write(json.dumps({k: v for k, v in r.items() if k != "prompt"}) + "\n")
+    return str(path)

@@ -17,3 +17,8 @@ def brevity(completion, sample):
 
 def returns_text(completion, sample):
     return "not a number"
+
+
+def ones(completion, sample):
+    """Share of characters that are '1': trivially learnable, to check that the RL loop learns at all."""
+    return completion.count("1") / max(1, len(completion))

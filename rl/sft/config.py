@@ -1,0 +1,74 @@
+"""SFTStageConfig: cold-start SFT / distillation student training, validated on load."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rl.config import ModelConfig, opt, require
+
+
+@dataclass
+class SFTDataConfig:
+    """Training traces: prompt from `problem`, target from `completion_field`."""
+    source: str = opt("synthetic:chain_sum", "JSONL/Parquet path, hub id, or synthetic:<task> (worked traces)")
+    split: str = opt("train", "split to read")
+    field_map: dict = opt({}, "rename fields, e.g. {problem: question, solution: response}")
+    completion_field: str = opt("solution", "field holding the target completion (reasoning + answer)")
+    template: str = opt("chat", "prompt template", choices=["chat", "r1_zero", "plain"])
+    num_train: int = opt(2000, "synthetic tasks: number of training traces")
+    task_knobs: dict = opt({}, "synthetic task difficulty knobs")
+    seed: int = opt(0, "data seed")
+    max_length: int = opt(512, "maximum tokens of prompt + completion (longer rows are truncated)")
+
+    def validate(self) -> None:
+        require(self.num_train > 0, "data.num_train", "must be > 0")
+        require(self.max_length >= 16, "data.max_length", "must be >= 16")
+
+
+@dataclass
+class SFTTrainConfig:
+    """Optimisation (passed to TRL's SFTConfig / transformers' TrainingArguments)."""
+    max_steps: int = opt(-1, "training steps (-1: use epochs)")
+    epochs: float = opt(1.0, "epochs when max_steps is -1")
+    batch_size: int = opt(16, "per-device batch size")
+    grad_accum: int = opt(1, "gradient accumulation steps")
+    lr: float = opt(1e-4, "peak learning rate")
+    lr_schedule: str = opt("cosine", "schedule", choices=["constant", "cosine", "linear", "multistep"])
+    warmup_ratio: float = opt(0.0, "warm-up fraction of training")
+    milestones: list = opt([], "multistep: steps at which the LR is multiplied by gamma")
+    gamma: float = opt(0.1, "multistep decay factor")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    packing: bool = opt(False, "pack several short examples into one sequence (needs flash-attention to be exact)")
+    logging_steps: int = opt(10, "log every N steps")
+    save_steps: int = opt(0, "checkpoint every N steps (0: only the final model)")
+    resume: str = opt("auto", "auto: continue from the latest checkpoint in output_dir; never; or a path")
+    seed: int = opt(0, "seed")
+    bf16: bool = opt(False, "bf16 mixed precision (GPU)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward")
+    threads: int = opt(0, "torch threads (0 = default)")
+
+    def validate(self) -> None:
+        require(self.lr > 0, "train.lr", "must be > 0")
+        require(self.batch_size >= 1 and self.grad_accum >= 1, "train.batch_size", "must be >= 1")
+        require(self.max_steps == -1 or self.max_steps > 0, "train.max_steps", "must be -1 or > 0")
+        require(self.lr_schedule != "multistep" or bool(self.milestones), "train.milestones",
+                "multistep needs milestones, e.g. [100, 200]")
+
+
+@dataclass
+class LoraSection:
+    """LoRA via PEFT (off: full fine-tune). The exported model is merged."""
+    enabled: bool = opt(False, "train LoRA adapters instead of all weights")
+    r: int = opt(16, "LoRA rank")
+    alpha: int = opt(32, "LoRA alpha")
+    dropout: float = opt(0.0, "LoRA dropout")
+    target_modules: list = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                               "modules that get adapters")
+
+
+@dataclass
+class SFTStageConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    output_dir: str = opt("runs/sft", "run directory: checkpoints/, final/ (HF export), summary.json")

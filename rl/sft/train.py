@@ -1,0 +1,138 @@
+"""Supervised fine-tuning with TRL's SFTTrainer: chat template, loss on completions only, optional packing,
+full fine-tune or LoRA (PEFT), LR schedules (incl. multi-step), checkpoint/resume, HF export (merged LoRA).
+
+No hand-written training loop: everything runs through `trl.SFTTrainer`; r1lab adds the dataset mapping,
+a multi-step LR schedule, and an atomic export.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+
+from data.loading import DataError
+from data.prompts import build_messages
+from rl.config import resolve_model_path, to_dict
+from rl.sft.config import SFTDataConfig, SFTStageConfig
+
+
+def sft_dataset(dc: SFTDataConfig) -> Dataset:
+    """Prompt-completion rows in TRL's conversational format; a row without the fields fails by name."""
+    if dc.source.startswith("synthetic:"):
+        from data.tasks import make_mixture, make_task
+
+        name = dc.source.split(":", 1)[1]
+        ds = (make_mixture(dc.task_knobs, split="train", seed=dc.seed) if name == "mixture"
+              else make_task(name, dc.num_train, split="train", seed=dc.seed, **dc.task_knobs))
+        rows, origin = ds.to_list(), dc.source
+    else:
+        from data.loading import load_dataset
+
+        ds = load_dataset(dc.source, split=dc.split, field_map=dc.field_map,
+                          required=("problem", dc.completion_field), add_prompt=False)
+        rows, origin = ds.to_list(), dc.source
+    out = []
+    for i, r in enumerate(rows):
+        target = r.get(dc.completion_field)
+        if not isinstance(target, str) or not target.strip():
+            raise DataError(f"{origin}: row {i}: missing required field {dc.completion_field!r}")
+        out.append({"prompt": build_messages(str(r["problem"])),
+                    "completion": [{"role": "assistant", "content": target}]})
+    return Dataset.from_list(out)
+
+
+def _trainer_cls():
+    from trl import SFTTrainer
+
+    class R1SFTTrainer(SFTTrainer):
+        """SFTTrainer plus a multi-step LR schedule (transformers has none built in)."""
+        r1_milestones: list[int] = []
+        r1_gamma: float = 0.1
+
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            if self.args.lr_scheduler_type == "constant" and self.r1_milestones:
+                opt = optimizer or self.optimizer
+                self.lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, self.r1_milestones, self.r1_gamma)
+                self._created_lr_scheduler = True
+                return self.lr_scheduler
+            return super().create_scheduler(num_training_steps, optimizer)
+
+    return R1SFTTrainer
+
+
+def _resume_arg(cfg: SFTStageConfig, ckpt_dir: Path) -> Any:
+    mode = cfg.train.resume
+    if mode == "never":
+        return None
+    if mode == "auto":
+        found = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        return str(found[-1]) if found else None
+    if not Path(mode).exists():
+        raise FileNotFoundError(f"train.resume={mode}: no such checkpoint")
+    return mode
+
+
+def run_sft(cfg: SFTStageConfig, callbacks: list | None = None) -> dict[str, Any]:
+    """Train; export the (merged) model to <output_dir>/final; return a summary with the loss curve."""
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+    from trl import SFTConfig
+
+    t = cfg.train
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = resolve_model_path(cfg.model.path)
+    if not Path(model_path).exists() and "/" not in model_path:
+        raise FileNotFoundError(f"model.path={cfg.model.path}: no such model directory")
+    tok = AutoTokenizer.from_pretrained(model_path)
+    train_ds = sft_dataset(cfg.data)
+    args = SFTConfig(
+        output_dir=str(out / "checkpoints"), max_steps=t.max_steps, num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr,
+        lr_scheduler_type="constant" if t.lr_schedule == "multistep" else t.lr_schedule, warmup_steps=t.warmup_ratio,  # transformers >= 5: a float < 1 is a ratio
+        weight_decay=t.weight_decay, logging_steps=t.logging_steps, save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500, save_total_limit=2, seed=t.seed, data_seed=t.seed, bf16=t.bf16,
+        packing=t.packing, max_length=cfg.data.max_length, completion_only_loss=True, report_to=["tensorboard"],
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        gradient_checkpointing=t.gradient_checkpointing, disable_tqdm=False,
+        model_init_kwargs={"dtype": torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32},
+    )
+    peft_config = None
+    if cfg.lora.enabled:
+        peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                 target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+    cls = _trainer_cls()
+    trainer = cls(model=model_path, args=args, train_dataset=train_ds, processing_class=tok,
+                  peft_config=peft_config, callbacks=callbacks)
+    trainer.r1_milestones = [int(m) for m in t.milestones] if t.lr_schedule == "multistep" else []
+    trainer.r1_gamma = t.gamma
+    trainer.train(resume_from_checkpoint=_resume_arg(cfg, out / "checkpoints"))
+    final = export(trainer, tok, out / "final", lora=cfg.lora.enabled)
+    losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    summary = {"final": str(final), "steps": trainer.state.global_step, "loss_curve": losses,
+               "first_loss": losses[0][1] if losses else None, "last_loss": losses[-1][1] if losses else None,
+               "config": to_dict(cfg)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def export(trainer, tok, final: Path, lora: bool) -> Path:
+    """HF export, atomically (tmp dir then rename); LoRA adapters are merged into the base weights."""
+    model = trainer.model
+    if lora:
+        model = model.merge_and_unload()
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    return final

@@ -1,0 +1,129 @@
+"""GRPO pieces that need no Ray: batching, dynamic sampling, cursor, schedules, config validation."""
+import pytest
+import torch
+
+from rl.config import ConfigError, load_config
+from rl.grpo.batching import Group, build_batch, fill_batch, shard, unshard
+from rl.grpo.config import GRPOConfig
+from rl.grpo.driver import fused_sums
+from rl.grpo.prompts import Cursor
+from rl.grpo.trainer_worker import lr_lambda, micro_batches
+
+
+def _group(rewards, prompt=(1, 2, 3)):
+    samples = [{"token_ids": [10 + i, 11], "logprobs": [-0.5, -0.25], "finish_reason": "stop", "text": ""}
+               for i in range(len(rewards))]
+    return Group({"answer": "1"}, list(prompt), samples, list(rewards))
+
+
+def test_dynamic_sampling_keeps_batch_size():
+    calls = []
+
+    def make(k):
+        calls.append(k)
+        # every other group has uniform rewards (no signal)
+        return [_group([1.0, 1.0] if i % 2 else [0.0, 1.0]) for i in range(k)]
+
+    groups, m = fill_batch(make, target=8, dynamic=True, max_rounds=10)
+    assert len(groups) == 8 and all(not g.uniform for g in groups)
+    assert calls == [8, 4, 2, 1]  # each round asks only for what is still missing
+    assert m["rollout/groups_dropped"] == 7 and m["rollout/groups_kept"] == 8 and m["rollout/gen_rounds"] == 4
+    groups, m = fill_batch(make, target=8, dynamic=False, max_rounds=10)
+    assert len(groups) == 8 and m["rollout/gen_rounds"] == 1  # without dynamic sampling nothing is dropped
+
+
+def test_dynamic_sampling_gives_up_after_max_rounds():
+    groups, m = fill_batch(lambda k: [_group([1.0, 1.0]) for _ in range(k)], target=4, dynamic=True, max_rounds=3)
+    assert groups == [] and m["rollout/gen_rounds"] == 3 and m["rollout/groups_dropped"] == 12
+
+
+def test_build_batch_aligns_tokens_masks_and_logprobs():
+    g1 = _group([1.0, 0.0])
+    g2 = _group([0.5], prompt=(7,))
+    g2.samples[0]["finish_reason"] = "length"
+    b = build_batch([g1, g2], torch.tensor([1.0, -1.0, 0.0]), pad_id=0, overlong_filter=True)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 10, 11], [1, 2, 3, 11, 11], [7, 10, 11, 0, 0]]
+    assert b["response_mask"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 1, 1], [0, 0, 0, 0, 0]]  # truncated: out
+    assert b["rollout_logp"][0].tolist() == [0, 0, 0, -0.5, -0.25]
+    assert b["attention_mask"][2].tolist() == [1, 1, 1, 0, 0]
+
+
+def test_shard_unshard_roundtrip():
+    b = build_batch([_group([1.0, 0.0, 1.0]), _group([0.0, 1.0], prompt=(4, 5, 6, 7))],
+                    torch.arange(5.0), 0, False)
+    shards, parts = shard(b, 2)
+    assert sorted(i for p in parts for i in p) == list(range(5))
+    back = unshard([s["adv"] for s in shards], parts, 5)
+    assert back.tolist() == list(range(5))
+
+
+def test_cursor_continues_exactly_after_restore():
+    a = Cursor(seed=3, size=10)
+    seen = [a.take(4) for _ in range(6)]  # crosses epochs
+    b = Cursor(seed=3, size=10)
+    for _ in range(3):
+        b.take(4)
+    c = Cursor(seed=3, size=10, **b.state())
+    assert [c.take(4) for _ in range(3)] == seen[3:]
+    flat = [i for s in seen for i in s]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))  # no repeat, no skip
+
+
+def test_lr_schedules():
+    cfg = load_config(GRPOConfig, None, ["trainer.lr_schedule=cosine", "trainer.warmup_steps=2", "trainer.max_steps=10",
+                                         "reward.functions=[accuracy]", "reward.weights=[1.0]"])
+    f = lr_lambda(cfg)
+    assert f(0) == pytest.approx(0.5) and f(1) == pytest.approx(1.0) and f(10) == pytest.approx(0.0, abs=1e-9)
+    cfg = load_config(GRPOConfig, None, ["trainer.lr_schedule=multistep", "trainer.milestones=[3, 6]",
+                                         "trainer.gamma=0.5"])
+    f = lr_lambda(cfg)
+    assert [f(s) for s in (0, 2, 3, 5, 6, 9)] == [1, 1, 0.5, 0.5, 0.25, 0.25]
+
+
+def test_micro_batches_respect_token_budget():
+    groups = micro_batches([10, 10, 30, 5, 5, 5], max_tokens=40)
+    assert [i for g in groups for i in g] == list(range(6))
+    for g in groups:
+        assert max([10, 10, 30, 5, 5, 5][i] for i in g) * len(g) <= 40 or len(g) == 1
+
+
+def test_fused_checksum_mapping():
+    hf = {"model.layers.0.self_attn.q_proj.weight": 1.0, "model.layers.0.self_attn.k_proj.weight": 2.0,
+          "model.layers.0.self_attn.v_proj.weight": 3.0, "model.layers.0.mlp.gate_proj.weight": 4.0,
+          "model.layers.0.mlp.up_proj.weight": 5.0, "model.norm.weight": 6.0}
+    ok = {"model.layers.0.self_attn.qkv_proj.weight": 6.0, "model.layers.0.mlp.gate_up_proj.weight": 9.0,
+          "model.norm.weight": 6.0}
+    assert fused_sums(hf, ok) == []
+    assert len(fused_sums(hf, {**ok, "model.norm.weight": 6.5})) == 1
+
+
+@pytest.mark.parametrize("override,message", [
+    ("algo.advantage=ppo", r"algo.advantage: 'ppo' unknown; allowed: \['dr_grpo', 'grpo', 'rloo'\]"),
+    ("algo.loss_agg=sum", r"algo.loss_agg: 'sum' is not allowed; allowed values"),
+    ("rollout.n=1", r"rollout.n: GRPO needs at least 2"),
+    ("reward.functions=[accuracy, nope]", r"reward.weights: 2 weights|reward.functions: unknown reward 'nope'"),
+    ("trainer.lr=-1", r"trainer.lr: must be > 0"),
+    ("trainer.max_step=3", r"unknown key 'trainer.max_step'.*allowed: .*max_steps"),
+    ("rollout.temperature=0", r"rollout.temperature"),
+    ("algo.kl_estimator=k4", r"algo.kl_estimator: 'k4' is not allowed"),
+])
+def test_config_errors_name_key_and_allowed_values(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(GRPOConfig, "configs/tiny_grpo.yaml", [override])
+
+
+def test_bad_config_fails_before_ray_starts(capsys):
+    import ray
+
+    from launch.grpo import main
+
+    assert main(["--config", "configs/tiny_grpo.yaml", "algo.advantage=nope"]) == 2
+    assert "algo.advantage" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_all_shipped_configs_validate():
+    from pathlib import Path
+
+    for path in Path("configs").glob("*grpo*.yaml"):
+        load_config(GRPOConfig, path)
