@@ -79,3 +79,20 @@ def write_heldout(path: Path, n: int = 128, **knobs) -> str:
         for r in ds:
             f.write(json.dumps({k: v for k, v in r.items() if k != "prompt"}) + "\n")
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def weak_sft(tiny):
+    """A tiny Qwen2 after a *short* cold start (30 SFT steps): it half-follows the R1 format, so GRPO has
+    something to learn within a few dozen steps on CPU."""
+    from rl.config import load_config
+    from rl.sft.config import SFTStageConfig
+    from rl.sft.train import run_sft
+
+    out = Path(os.environ["R1LAB_CACHE_DIR"]) / "sft" / f"weak-{tiny.qwen2.name}"
+    if not (out / "summary.json").exists():
+        cfg = load_config(SFTStageConfig, "configs/tiny_sft.yaml",
+                          [f"output_dir={out}", "train.max_steps=30", "train.lr_schedule=constant",
+                           "train.resume=never"])
+        run_sft(cfg)
+    return out / "final"

@@ -139,7 +139,8 @@ class GRPODriver:
         addr, port = ray.get(ray.remote(_free_port).options(num_cpus=0, scheduling_strategy=strat(0)).remote())
         T = ray.remote(TrainerWorker)
         self.trainers = [T.options(num_cpus=r.trainer_cpus, num_gpus=r.trainer_gpus, scheduling_strategy=strat(i),
-                                   name=None).remote(i, nt, addr, port, cfg, init_path or self.model_path)
+                                   name=None).remote(i, nt, addr, port, cfg, init_path or self.model_path,
+                                                     self.model_path)
                          for i in range(nt)]
         R = ray.remote(RolloutWorker)
         self.rollouts = [R.options(num_cpus=r.rollout_cpus if not r.colocate else 0,
@@ -158,10 +159,16 @@ class GRPODriver:
             return ray.get(refs, timeout=timeout)
         except RayActorError as e:
             where = f"the last intact checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written yet"
-            raise WorkerDied(f"a Ray worker died during {what} at step {self.step + 1}: {e}. Stopping; {where}; "
-                             f"rerun with checkpoint.resume=auto to continue.") from None
+            who = self._actor_names().get(getattr(e, "actor_id", None) or "", "a Ray worker")
+            raise WorkerDied(f"{who} died during {what} at step {self.step + 1}. Stopping; {where}; rerun with "
+                             f"checkpoint.resume=auto to continue. Ray said: {e}") from None
         except GetTimeoutError:
             raise WorkerDied(f"{what} timed out after {timeout}s at step {self.step + 1}") from None
+
+    def _actor_names(self) -> dict[str, str]:
+        names = {w._actor_id.hex(): f"trainer worker {i} (TrainerWorker)" for i, w in enumerate(self.trainers)}
+        names.update({w._actor_id.hex(): f"rollout worker {i} (RolloutWorker)" for i, w in enumerate(self.rollouts)})
+        return names
 
     # ------------------------------------------------------------------------------------------------ rollout
     def _make_groups(self, k: int) -> list[Group]:

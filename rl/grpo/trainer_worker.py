@@ -59,8 +59,10 @@ def micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
 
 class TrainerWorker:
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, cfg: GRPOConfig,
-                 model_path: str) -> None:
+                 model_path: str, tokenizer_path: str | None = None) -> None:
         self.rank, self.world, self.cfg, self.model_path = rank, world_size, cfg, model_path
+        # a resumed run loads weights from a checkpoint that rotation may delete later: keep the tokenizer's origin
+        self.tokenizer_path = tokenizer_path or model_path
         tc = cfg.trainer
         use_cuda = torch.cuda.is_available() and tc.backend != "gloo"
         backend = tc.backend if tc.backend != "auto" else ("nccl" if use_cuda else "gloo")
@@ -188,7 +190,7 @@ class TrainerWorker:
                         clip_eps_high=a.clip_eps_high, dual_clip_c=a.dual_clip_c or None, agg=a.loss_agg,
                         rollout_logp=roll if a.tis_cap > 0 else None, tis_cap=a.tis_cap or None,
                         num_tokens=n_tok, num_seqs=n_seq, max_len=max_len)
-                    entropy = float((ent * m).sum() / m.sum().clamp(min=1))
+                    entropy = float((ent.detach() * m).sum() / m.sum().clamp(min=1))
                     metrics["actor/entropy"] = entropy
                     if a.entropy_coef > 0:
                         loss = loss - a.entropy_coef * agg_loss(ent, m, a.loss_agg, num_tokens=n_tok,
@@ -237,10 +239,10 @@ class TrainerWorker:
         from rl.grpo.hf_io import write_hf_checkpoint
 
         return write_hf_checkpoint(state, self.model.config, out_dir, bucket_mb,
-                                   tokenizer_from=self.model_path if with_tokenizer else None)
+                                   tokenizer_from=self.tokenizer_path if with_tokenizer else None)
 
     def save_checkpoint(self, out_dir: str) -> None:
-        """Collective. Rank 0 writes model + optimizer + scheduler; every rank writes its RNG state.
+        """Collective. Rank 0 writes model + optimizer; every rank writes its RNG and LR-schedule state.
         The caller makes the directory and renames it into place when all ranks are done."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -248,25 +250,28 @@ class TrainerWorker:
                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         path = Path(out_dir)
         if self.rank == 0:
-            torch.save({"model": msd, "optim": osd, "sched": self.sched.state_dict()}, path / "trainer.pt")
-        torch.save({"python": random.getstate(), "torch": torch.get_rng_state()}, path / f"rng_rank{self.rank}.pt")
+            torch.save({"model": msd, "optim": osd}, path / "trainer.pt")
+        torch.save({"python": random.getstate(), "torch": torch.get_rng_state(), "sched": self.sched.state_dict()},
+                   path / f"rank{self.rank}.pt")
         dist.barrier()
 
     def load_checkpoint(self, ckpt_dir: str) -> int:
-        """Collective: restore model, optimizer, schedule and RNG. Returns the scheduler step."""
+        """Collective: restore model, optimizer, schedule and RNG. Returns the scheduler step.
+
+        Every rank reads the full state (the checkpoint directory must be visible to all ranks, as for saving)
+        and keeps its own shards. (broadcast_from_rank0 with empty dicts on the other ranks hung with torch
+        2.13 + gloo.) Very large models want torch.distributed.checkpoint's sharded format instead."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         path = Path(ckpt_dir)
-        blob = torch.load(path / "trainer.pt", weights_only=False) if self.rank == 0 else {}
-        set_state_dict(self.model, self.optim, model_state_dict=blob.get("model", {}),
-                       optim_state_dict=blob.get("optim", {}),
-                       options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        sched = [blob.get("sched")]
-        dist.broadcast_object_list(sched, src=0)
-        self.sched.load_state_dict(sched[0])
-        rng = torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False)
+        blob = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+        set_state_dict(self.model, self.optim, model_state_dict=blob["model"], optim_state_dict=blob["optim"],
+                       options=StateDictOptions(full_state_dict=True))
+        rng = torch.load(path / f"rank{self.rank}.pt", weights_only=False)
+        self.sched.load_state_dict(rng["sched"])
         random.setstate(rng["python"])
         torch.set_rng_state(rng["torch"])
+        dist.barrier()
         return int(self.sched.last_epoch)
 
     def ready(self) -> dict[str, Any]:
