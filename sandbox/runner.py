@@ -38,7 +38,8 @@ from sandbox.caps import SandboxUnavailable, capabilities
 
 log = logging.getLogger(__name__)
 STATUSES = ("ok", "error", "timeout", "memory", "output_limit", "sandbox_error")
-BASE_UID = 61000          # slot i runs as host uid BASE_UID + i (when we are root)
+BASE_UID = 61000          # slots run as host uids from BASE_UID up (when we are root), one uid per slot
+UIDS_PER_PROCESS = 32     # each process takes its own block of uids, so sandboxes never share a uid
 SLOT_PROCS = 3            # bwrap, its init and the server count against the slot uid's RLIMIT_NPROC
 SERVER_SRC = Path(__file__).with_name("server.py")
 
@@ -110,10 +111,23 @@ class _Launcher:
         return fut.result(timeout=60)
 
 
+_uid_lock = threading.Lock()
+_uids_used = 0
+
+
+def _allocate_uid() -> int:
+    """A host uid no other slot (of this or, barring pid-range collisions, another process) uses."""
+    global _uids_used
+    with _uid_lock:
+        uid = BASE_UID + (os.getpid() % 1000) * UIDS_PER_PROCESS + _uids_used % UIDS_PER_PROCESS
+        _uids_used += 1
+        return uid
+
+
 class _Slot:
     def __init__(self, index: int, sb: Sandbox) -> None:
         self.index, self.sb = index, sb
-        self.uid = BASE_UID + index if sb.caps.is_root else None
+        self.uid = _allocate_uid() if sb.caps.is_root else None
         self.proc: subprocess.Popen | None = None
         self.buf = b""
 

@@ -9,7 +9,6 @@ import time
 import pytest
 
 from sandbox import Sandbox, capabilities
-from sandbox.runner import BASE_UID
 
 pytestmark = pytest.mark.skipif(not capabilities().strong, reason=f"no bubblewrap: {capabilities().bwrap_error}")
 
@@ -27,16 +26,16 @@ def run(sb, code, **kw):
     return res, time.monotonic() - t0
 
 
-def slot_processes() -> int:
-    """Host processes running as the sandbox slot uid (the slot itself is bwrap + its init + the server)."""
+def slot_processes(uid: int) -> int:
+    """Host processes running as a slot's uid (the slot itself is bwrap + its init + the server)."""
     n = 0
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/status") as f:
-                uid = next(line for line in f if line.startswith("Uid:")).split()[1]
+                uid_ = next(line for line in f if line.startswith("Uid:")).split()[1]
         except (OSError, StopIteration):
             continue
-        n += int(uid) == BASE_UID
+        n += int(uid_) == uid
     return n
 
 
@@ -44,10 +43,11 @@ def assert_healthy(sb):
     res = sb.run("print(6*7)")
     assert res.status == "ok" and res.stdout == "42\n", res
     if capabilities().is_root:
+        uid = sb._slots[0].uid
         deadline = time.monotonic() + 3  # a killed slot's processes take a moment to be reaped
-        while slot_processes() != 3 and time.monotonic() < deadline:
+        while slot_processes(uid) != 3 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert slot_processes() == 3, "something outlived its run"
+        assert slot_processes(uid) == 3, "something outlived its run"
 
 
 def test_basic_run_and_files(sb):
