@@ -196,9 +196,14 @@ class ModelConfig:
     dtype: str = opt("float32", "parameter dtype for training", choices=["float32", "bfloat16"])
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     trust_remote_code: bool = opt(False, "allow model code from the hub (only for models you trust)")
+    lora_r: int = opt(0, "GRPO: train LoRA adapters of this rank (0 = full fine-tune); vLLM gets merged weights")
+    lora_alpha: int = opt(32, "LoRA alpha")
+    lora_targets: list = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                             "modules that get LoRA adapters")
 
     def validate(self) -> None:
         require(bool(self.path), "model.path", "must be set (an HF path, a hub id or tiny:qwen2)")
+        require(self.lora_r >= 0, "model.lora_r", "must be >= 0")
 
 
 @dataclasses.dataclass

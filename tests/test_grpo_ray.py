@@ -32,9 +32,12 @@ def test_grpo_learns_syncs_and_exports(weak_sft, tmp_path, vllm_engine):
         f"model.path={weak_sft}", "trainer.max_steps=24", "trainer.lr=0.001",
         "reward.functions=[accuracy, format, plugins_for_tests:raises]", "reward.weights=[1.0, 0.5, 0.0]",
         "sync.checksum_every=4", "checkpoint.every=8", f"log.output_dir={tmp_path}", "log.progress=false",
-        "resources.ray_address=local"])
+        "resources.ray_address=local", "log.val_every=12", "log.val_problems=16", "log.val_samples=2"])
     result = GRPODriver(cfg).run()
-    rows = read_metrics(tmp_path)
+    all_rows = read_metrics(tmp_path)
+    # in-loop validation through the eval harness, before training and every 12 steps
+    assert [r["step"] for r in all_rows if "val/heldout/pass@1" in r] == [0, 12, 24]
+    rows = [r for r in all_rows if r["step"] > 0]
     assert [r["step"] for r in rows] == list(range(1, 25)) and result["steps"] == 24
     for name in REQUIRED_METRICS:
         assert name in rows[0], name
@@ -111,9 +114,12 @@ def _run(cmd, env, out, kill_after_lines=None, timeout=600):
 
 def test_kill_and_resume_continues_exactly(tmp_path):
     out = tmp_path / "run"
+    # kl_coef > 0 also exercises the frozen reference model (and its absence from checkpoints)
     cmd = [sys.executable, "launch/grpo.py", "--config", "configs/tiny_grpo.yaml", "trainer.max_steps=8",
-           "checkpoint.every=2", f"log.output_dir={out}", "log.progress=false", "resources.ray_address=local"]
-    env = dict(os.environ)
+           "checkpoint.every=2", f"log.output_dir={out}", "log.progress=false", "resources.ray_address=local",
+           "algo.kl_coef=0.01", "trainer.lr=0.001", "reward.functions=[plugins_for_tests:ones]",
+           "reward.weights=[1.0]"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     rc, _ = _run(cmd, env, out, kill_after_lines=5)
     assert rc == -signal.SIGKILL
     before = read_metrics(out)
@@ -129,3 +135,19 @@ def test_kill_and_resume_continues_exactly(tmp_path):
     # the data cursor advances by exactly one batch per step, across the kill
     assert [r["data/cursor"] for r in rows] == [8.0 * s for s in range(1, 9)]
     assert latest_checkpoint(out / "checkpoints").name == "step_000008"
+    assert rows[0]["actor/kl"] == pytest.approx(0.0, abs=1e-6) and max(r["actor/kl"] for r in rows) > 0
+
+
+def test_lora_grpo_syncs_merged_weights(tmp_path):
+    cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", [
+        "model.lora_r=8", "model.lora_alpha=16", "trainer.max_steps=4", "trainer.lr=0.01",
+        "reward.functions=[plugins_for_tests:ones]", "reward.weights=[1.0]", "sync.checksum_every=1",
+        "checkpoint.every=0", f"log.output_dir={tmp_path}", "log.progress=false", "resources.ray_address=local"])
+    GRPODriver(cfg).run()
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["sync/checksum_ok"] == 1.0 for r in rows)
+    # after each update the engine serves base + B @ A: its log-probs match the trainer's LoRA model
+    assert all(r["rollout/logprob_diff"] < 1e-3 for r in rows)
+    assert rows[-1]["actor/grad_norm"] > 0
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    assert not any("lora" in n for n, _ in final.named_parameters())

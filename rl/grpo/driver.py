@@ -91,6 +91,7 @@ class GRPODriver:
         self.scorer = None
         self.checked_logprobs = False
         self.last_ckpt: Path | None = None
+        self._started_ray = False
 
     # ------------------------------------------------------------------------------------------------ setup
     def _start_ray(self) -> None:
@@ -98,6 +99,7 @@ class GRPODriver:
 
         if ray.is_initialized():
             return
+        self._started_ray = True  # ours to shut down at close()
         env = {"env_vars": {k: os.environ[k] for k in ("R1LAB_CACHE_DIR", "PYTHONPATH") if k in os.environ}}
         addr = self.cfg.resources.ray_address
         if addr == "local":  # always a fresh private instance (tests)
@@ -380,6 +382,9 @@ class GRPODriver:
 
             remove_placement_group(self.pg)
             self.pg = None
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
 
 
 def _mean_dicts(ds: list[dict[str, float]]) -> dict[str, float]:

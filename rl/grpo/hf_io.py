@@ -57,3 +57,26 @@ def write_hf_checkpoint(state: dict[str, torch.Tensor], config, out_dir: str | o
         shutil.rmtree(out)
     os.rename(tmp, out)
     return {k: float(v.double().sum()) for k, v in state.items()}
+
+
+def merge_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """PEFT LoRA state dict -> plain HF state dict with W = W0 + scaling * B @ A (what vLLM must serve).
+
+    Keys `base_model.model.X.base_layer.weight` / `X.lora_A.default.weight` / `X.lora_B.default.weight`
+    become `X.weight`; everything else loses the `base_model.model.` prefix."""
+    out: dict[str, torch.Tensor] = {}
+    prefix = "base_model.model."
+    for key, value in state.items():
+        if ".lora_A." in key or ".lora_B." in key:
+            continue
+        name = key[len(prefix):] if key.startswith(prefix) else key
+        if ".base_layer." in name:
+            module = key.rsplit(".base_layer.", 1)[0]
+            a = state.get(f"{module}.lora_A.default.weight")
+            b = state.get(f"{module}.lora_B.default.weight")
+            name = name.replace(".base_layer.", ".")
+            if a is not None and b is not None and key.endswith(".base_layer.weight"):
+                merged = value.float() + scaling * (b.float() @ a.float())
+                value = merged.to(value.dtype)
+        out[name] = value
+    return out

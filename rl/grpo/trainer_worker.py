@@ -76,7 +76,8 @@ class TrainerWorker:
         self._seed(tc.seed + rank)
         self.model = self._load(trainable=True)
         self.ref = self._load(trainable=False) if cfg.algo.kl_coef > 0 else None
-        self.optim = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=tuple(tc.betas),
+        self.optim = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=tc.lr,
+                                       betas=tuple(tc.betas),
                                        weight_decay=tc.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.optim, lr_lambda(cfg))
 
@@ -97,8 +98,15 @@ class TrainerWorker:
         if trainable and self.cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
+        mc = self.cfg.model
+        if trainable and mc.lora_r > 0:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=mc.lora_r, lora_alpha=mc.lora_alpha,
+                                                     target_modules=list(mc.lora_targets), task_type="CAUSAL_LM"))
         mesh = init_device_mesh(self.device.type, (self.world,))
-        for layer in model.model.layers:
+        layers = model.base_model.model.model.layers if trainable and mc.lora_r > 0 else model.model.layers
+        for layer in layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         if not trainable:
@@ -226,9 +234,15 @@ class TrainerWorker:
 
     # ------------------------------------------------------------------------------------------------ weights
     def _full_state(self) -> dict[str, torch.Tensor]:
+        """Full (gathered) HF state dict; with LoRA, the adapters merged into the base weights."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.cfg.model.lora_r > 0:
+            from rl.grpo.hf_io import merge_lora_state
+
+            state = merge_lora_state(state, self.cfg.model.lora_alpha / self.cfg.model.lora_r)
+        return state
 
     def save_hf(self, out_dir: str, bucket_mb: int = 512, with_tokenizer: bool = True) -> dict[str, float] | None:
         """Collective. Rank 0 writes an HF checkpoint (safetensors shards of bucket_mb) atomically and returns
@@ -238,7 +252,8 @@ class TrainerWorker:
             return None
         from rl.grpo.hf_io import write_hf_checkpoint
 
-        return write_hf_checkpoint(state, self.model.config, out_dir, bucket_mb,
+        config = self.model.config if self.cfg.model.lora_r == 0 else self.model.base_model.model.config
+        return write_hf_checkpoint(state, config, out_dir, bucket_mb,
                                    tokenizer_from=self.tokenizer_path if with_tokenizer else None)
 
     def save_checkpoint(self, out_dir: str) -> None:
