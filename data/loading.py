@@ -21,7 +21,8 @@ class DataError(ValueError):
     """Bad input data: the message names the file (or dataset id), the row and the field."""
 
 
-def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+def read_jsonl(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[int]]:
+    """JSON-object rows and their 1-based line numbers; a bad line fails with the file and line."""
     rows, lines = [], []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -45,7 +46,7 @@ def load_rows(source: str | os.PathLike, *, split: str = "train") -> tuple[list[
     if path.exists():
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            rows, lines = _read_jsonl(path)
+            rows, lines = read_jsonl(path)
             return rows, str(path), lines
         if suffix == ".json":
             data = json.loads(path.read_text(encoding="utf-8"))

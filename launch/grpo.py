@@ -8,7 +8,6 @@ The config is validated before Ray starts; `--help-config` lists every key.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -16,22 +15,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rl.config import ConfigError, describe, load_config
+    from rl.config import cli_config
     from rl.grpo.config import GRPOConfig
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="YAML config (configs/*.yaml)")
-    ap.add_argument("--help-config", action="store_true", help="print every config key with its help")
-    ap.add_argument("overrides", nargs="*", help="section.key=value")
-    args = ap.parse_args(argv)
-    if args.help_config:
-        print(describe(GRPOConfig))
-        return 0
-    try:
-        cfg = load_config(GRPOConfig, args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = cli_config(GRPOConfig, __doc__, argv)
+    if isinstance(cfg, int):
+        return cfg
     from rl.grpo.driver import GRPODriver
 
     result = GRPODriver(cfg).run()

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -12,22 +11,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rl.config import ConfigError, describe, load_config
+    from rl.config import cli_config
     from rl.sft.config import SFTStageConfig
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config")
-    ap.add_argument("--help-config", action="store_true")
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args(argv)
-    if args.help_config:
-        print(describe(SFTStageConfig))
-        return 0
-    try:
-        cfg = load_config(SFTStageConfig, args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = cli_config(SFTStageConfig, __doc__, argv)
+    if isinstance(cfg, int):
+        return cfg
     from rl.sft.train import run_sft
 
     s = run_sft(cfg)

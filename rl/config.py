@@ -233,3 +233,25 @@ def resolve_model_path(path: str) -> str:
         arch = path.split(":", 1)[1]
         return str(build_tiny_model(TinyModelSpec(arch=arch)))
     return path
+
+
+def cli_config(cls: type[T], description: str, argv: Sequence[str] | None = None) -> T | int:
+    """`--config FILE [section.key=value ...]` (and `--help-config`) for a stage's entry point.
+
+    Returns the validated config, or an exit code (0 after --help-config, 2 on a config error, printed)."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="YAML config (configs/*.yaml)")
+    ap.add_argument("--help-config", action="store_true", help="print every config key with its help")
+    ap.add_argument("overrides", nargs="*", help="section.key=value")
+    args = ap.parse_args(argv)
+    if args.help_config:
+        print(describe(cls))
+        return 0
+    try:
+        return load_config(cls, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2

@@ -17,7 +17,7 @@ from typing import Any
 from tqdm import tqdm
 
 from data.benchmarks import Benchmark, load_benchmark
-from data.loading import DataError
+from data.loading import DataError, read_jsonl
 from rewards.countdown import check_expression
 from rewards.extract import extract_answer
 from rewards.math import GRADER_STATS, fast_verdict, grade_answer, grader_pool, verify_batch
@@ -40,28 +40,20 @@ def read_completions(path: str | Path, problems: list[dict[str, Any]]) -> dict[i
     """`{"index": i, "completion": "..."}` rows -> {index: [completions]}. Errors name the line."""
     valid = {p["index"] for p in problems}
     out: dict[int, list[str]] = defaultdict(list)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: line {lineno}: expected a JSON object")
-            for key in ("index", "completion"):
-                if key not in row:
-                    raise DataError(f"{path}: line {lineno}: missing field {key!r}")
-            idx = row["index"]
-            if not isinstance(idx, int) or isinstance(idx, bool):
-                raise DataError(f"{path}: line {lineno}: 'index' must be an integer, got {idx!r}")
-            if idx not in valid:
-                raise DataError(f"{path}: line {lineno}: index {idx} is not a problem of this benchmark "
-                                f"(valid: {min(valid)}..{max(valid)}, {len(valid)} problems)")
-            if not isinstance(row["completion"], str):
-                raise DataError(f"{path}: line {lineno}: 'completion' must be a string")
-            out[idx].append(row["completion"])
+    rows, lines = read_jsonl(path)
+    for row, lineno in zip(rows, lines):
+        for key in ("index", "completion"):
+            if key not in row:
+                raise DataError(f"{path}: line {lineno}: missing field {key!r}")
+        idx = row["index"]
+        if not isinstance(idx, int) or isinstance(idx, bool):
+            raise DataError(f"{path}: line {lineno}: 'index' must be an integer, got {idx!r}")
+        if idx not in valid:
+            raise DataError(f"{path}: line {lineno}: index {idx} is not a problem of this benchmark "
+                            f"(valid: {min(valid)}..{max(valid)}, {len(valid)} problems)")
+        if not isinstance(row["completion"], str):
+            raise DataError(f"{path}: line {lineno}: 'completion' must be a string")
+        out[idx].append(row["completion"])
     if not out:
         raise DataError(f"{path}: no completions")
     return dict(out)
