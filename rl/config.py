@@ -153,12 +153,12 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     return cfg
 
 
-def validate(cfg: Any, prefix: str = "") -> None:
+def validate(cfg: Any) -> None:
     """Run `validate()` of each section, then of the stage itself (cross-section checks)."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
-            validate(value, f"{prefix}{f.name}.")
+            validate(value)
     check = getattr(cfg, "validate", None)
     if callable(check):
         check()

@@ -9,7 +9,6 @@ Backends: gloo on CPU, nccl on GPUs; the code path is the same.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
