@@ -180,3 +180,26 @@ def make_mixture(spec: dict[str, dict[str, Any]], *, split: str = "train", seed:
             p = p.add_column("target", [-1 for _ in range(len(p))])
         parts[i] = p
     return concatenate_datasets(parts).shuffle(seed=seed)
+
+
+def make_synthetic(name: str, n: int, *, split: str = "train", seed: int = 0,
+                   knobs: dict[str, Any] | None = None) -> Dataset:
+    """The rows of a `synthetic:<name>` data source.
+
+    One task: n problems with `knobs` as its difficulty. `mixture`: knobs = {task: {"n": count, **knobs}};
+    the train split uses those counts, the held-out split takes n problems spread evenly over the tasks."""
+    knobs = dict(knobs or {})
+    if name == "mixture":
+        spec = knobs if split == "train" else {k: {**v, "n": max(1, n // len(knobs))} for k, v in knobs.items()}
+        return make_mixture(spec, split=split, seed=seed)
+    return make_task(name, n, split=split, seed=seed, **knobs)
+
+
+def write_problems_jsonl(rows, path) -> str:
+    """Problems as a JSONL benchmark file (the chat-format `prompt` column left out): the eval harness reads it."""
+    import json
+
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps({k: v for k, v in r.items() if k != "prompt"}) + "\n")
+    return str(path)

@@ -154,22 +154,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_models(models: dict[str, Path], cfg: PipelineConfig, out: Path) -> dict[str, dict]:
-    from data.tasks import make_task
+    from data.tasks import make_task, write_problems_jsonl
     from rl.eval.harness import Sampling, evaluate
     from rl.rollout.vllm_engine import make_llm, reload_weights, shutdown
 
-    held = out / "heldout.jsonl"
-    ds = make_task("chain_sum", cfg.eval.problems, split="test", seed=0, **cfg.task_knobs)
-    with open(held, "w") as f:
-        for r in ds:
-            f.write(json.dumps({k: v for k, v in r.items() if k != "prompt"}) + "\n")
+    held = write_problems_jsonl(make_task("chain_sum", cfg.eval.problems, split="test", seed=0, **cfg.task_knobs),
+                                out / "heldout.jsonl")
     first = next(iter(models.values()))
     llm = make_llm(str(first), max_model_len=512)
     results = {}
     try:
         for name, path in models.items():
             reload_weights(llm, str(path))
-            results[name] = evaluate(str(held), llm=llm, quiet=True, output=out / f"eval_{name}.json",
+            results[name] = evaluate(held, llm=llm, quiet=True, output=out / f"eval_{name}.json",
                                      sampling=Sampling(temperature=cfg.eval.temperature, top_p=1.0,
                                                        n=cfg.eval.samples, max_tokens=cfg.eval.max_tokens))
     finally:

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import ast
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
+from typing import Any
+
+from rewards.extract import extract_answer
 
 _OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
         ast.Div: lambda a, b: a / b}
@@ -53,3 +56,9 @@ def check_expression(expr: str, numbers: Sequence[int], target: int | str) -> bo
     except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
         return False
     return Counter(used) == Counter(int(n) for n in numbers) and value == Fraction(int(target))
+
+
+def check_completion(completion: str, sample: Mapping[str, Any]) -> bool:
+    """A countdown row's verdict: the completion's final boxed expression checked against its numbers/target."""
+    expr = extract_answer(completion)
+    return expr is not None and check_expression(expr, sample["numbers"], sample["target"])

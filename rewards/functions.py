@@ -15,26 +15,21 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from rewards.countdown import check_expression
-from rewards.extract import answer_region, extract_answer, last_boxed
+from rewards.countdown import check_completion
+from rewards.extract import extract_answer
 from rewards.registry import register
 
 _FORMAT = re.compile(r"^\s*(<think>)?(?P<think>.*?)</think>(?P<answer>.*)$", re.S)
 
 
-def accuracy_verdict(completion: str, sample: Mapping[str, Any], *, bounded: bool = True) -> bool:
-    """Task-aware correctness: countdown by evaluation, everything else by the math grader."""
-    if sample.get("task") == "countdown":
-        expr = last_boxed(answer_region(completion))
-        return bool(expr) and check_expression(expr, sample["numbers"], sample["target"])
-    from rewards.math import grade_completion, verify
-
-    return verify(completion, sample["answer"]) if bounded else grade_completion(completion, sample["answer"])
-
-
 @register("accuracy", trusted=True)
 def accuracy(completion: str, sample: Mapping[str, Any]) -> float:
-    return 1.0 if accuracy_verdict(completion, sample) else 0.0
+    """Task-aware correctness: countdown by evaluation, everything else by the (bounded) math grader."""
+    if sample.get("task") == "countdown":
+        return float(check_completion(completion, sample))
+    from rewards.math import verify
+
+    return 1.0 if verify(completion, sample["answer"]) else 0.0
 
 
 @register("format", trusted=True)

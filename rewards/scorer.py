@@ -17,8 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rewards.countdown import check_expression
-from rewards.extract import answer_region, extract_answer, last_boxed
+from rewards.countdown import check_completion
+from rewards.extract import extract_answer
 from rewards.math import fast_verdict, grade_answer, grader_pool
 from rewards.pool import OK, TIMEOUT, HardTimeoutPool
 from rewards.registry import RewardFn, get
@@ -67,8 +67,7 @@ class RewardScorer:
         slow: dict[tuple[str, str], list[int]] = {}  # (answer, gold) -> indices: each pair graded once
         for i, (c, s) in enumerate(zip(completions, samples)):
             if s.get("task") == "countdown":
-                expr = last_boxed(answer_region(c))
-                out[i] = float(bool(expr) and check_expression(expr, s["numbers"], s["target"]))
+                out[i] = float(check_completion(c, s))
                 continue
             if "answer" not in s:
                 raise KeyError(f"accuracy reward: sample {i} has no 'answer' field (fields: {sorted(s)})")

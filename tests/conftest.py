@@ -69,16 +69,10 @@ def heldout_file():
 
 def write_heldout(path: Path, n: int = 128, **knobs) -> str:
     """Held-out chain-sum problems as a JSONL benchmark file."""
-    import json
-
-    from data.tasks import make_task
+    from data.tasks import make_task, write_problems_jsonl
 
     knobs = knobs or {"min_terms": 2, "max_terms": 2, "min_value": 1, "max_value": 30}
-    ds = make_task("chain_sum", n, split="test", seed=0, **knobs)
-    with open(path, "w") as f:
-        for r in ds:
-            f.write(json.dumps({k: v for k, v in r.items() if k != "prompt"}) + "\n")
-    return str(path)
+    return write_problems_jsonl(make_task("chain_sum", n, split="test", seed=0, **knobs), path)
 
 
 @pytest.fixture(scope="session")

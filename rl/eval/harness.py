@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from data.benchmarks import Benchmark, load_benchmark
 from data.loading import DataError, read_jsonl
-from rewards.countdown import check_expression
+from rewards.countdown import check_completion
 from rewards.extract import extract_answer
 from rewards.math import GRADER_STATS, fast_verdict, grade_answer, grader_pool, verify_batch
 from rl.eval.metrics import aggregate
@@ -110,7 +110,7 @@ def grade(spec: Benchmark, problems: list[dict[str, Any]], completions: Mapping[
             answers = [extract_answer(c) for c in comps]
             for j, s in enumerate(samples):  # countdown rows: the expression is evaluated, not compared
                 if s.get("task") == "countdown":
-                    verdicts[j] = bool(answers[j]) and check_expression(answers[j], s["numbers"], s["target"])
+                    verdicts[j] = check_completion(comps[j], s)
         for (i, k, c), a, v in zip(part, answers, verdicts):
             records.append({"index": i, "sample": k, "answer": a, "correct": bool(v), "completion": c})
     return records

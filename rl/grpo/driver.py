@@ -101,12 +101,13 @@ class GRPODriver:
             return
         self._started_ray = True  # ours to shut down at close()
         env = {"env_vars": {k: os.environ[k] for k in ("R1LAB_CACHE_DIR", "PYTHONPATH") if k in os.environ}}
-        addr = self.cfg.resources.ray_address
+        r = self.cfg.resources
+        need = r.trainer_cpus * self.cfg.trainer.num_workers + r.rollout_cpus * self.cfg.rollout.num_workers
+        local_cpus = max(int(need + 1), os.cpu_count() or 1)  # logical CPUs a local instance must offer
+        addr = r.ray_address
         if addr == "local":  # always a fresh private instance (tests)
-            r = self.cfg.resources
-            need = r.trainer_cpus * self.cfg.trainer.num_workers + r.rollout_cpus * self.cfg.rollout.num_workers
-            ray.init(address="local", num_cpus=max(int(need + 1), os.cpu_count() or 1), runtime_env=env,
-                     include_dashboard=False, log_to_driver=True)
+            ray.init(address="local", num_cpus=local_cpus, runtime_env=env, include_dashboard=False,
+                     log_to_driver=True)
             return
         if addr != "auto" or os.environ.get("RAY_ADDRESS"):
             ray.init(address=None if addr == "auto" else addr, runtime_env=env, log_to_driver=True)
@@ -114,10 +115,7 @@ class GRPODriver:
         try:
             ray.init(address="auto", runtime_env=env, log_to_driver=True)
         except ConnectionError:
-            r = self.cfg.resources
-            need = r.trainer_cpus * self.cfg.trainer.num_workers + r.rollout_cpus * self.cfg.rollout.num_workers
-            ray.init(num_cpus=max(int(need + 1), os.cpu_count() or 1), runtime_env=env, include_dashboard=False,
-                     log_to_driver=True)
+            ray.init(num_cpus=local_cpus, runtime_env=env, include_dashboard=False, log_to_driver=True)
 
     def start(self, init_path: str | None = None) -> None:
         """Ray, a placement group, trainer and rollout actors (from init_path or the model)."""
@@ -318,9 +316,9 @@ class GRPODriver:
         if not bench:
             bench = str(self.out / "heldout.jsonl")
             if not Path(bench).exists():
-                with open(bench, "w") as f:
-                    for r in self.heldout_rows:
-                        f.write(json.dumps({k: v for k, v in r.items() if k != "prompt"}) + "\n")
+                from data.tasks import write_problems_jsonl
+
+                write_problems_jsonl(self.heldout_rows, bench)
         res = self._get(self.rollouts[0].validate.remote(bench, lc.val_problems, lc.val_samples, lc.val_temperature,
                                                         self.cfg.rollout.max_new_tokens, self.cfg.trainer.seed), 3600,
                         "validation")

@@ -13,17 +13,11 @@ from rl.config import DataConfig
 def load_train_rows(dc: DataConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train rows, held-out rows). Synthetic sources give a disjoint held-out split; files give none."""
     if dc.source.startswith("synthetic:"):
-        from data.tasks import make_mixture, make_task
+        from data.tasks import make_synthetic
 
         name = dc.source.split(":", 1)[1]
-        if name == "mixture":
-            spec = dc.task_knobs
-            train = make_mixture(spec, split="train", seed=dc.seed)
-            test = make_mixture({k: {**v, "n": max(1, dc.num_eval // len(spec))} for k, v in spec.items()},
-                                split="test", seed=dc.seed)
-        else:
-            train = make_task(name, dc.num_train, split="train", seed=dc.seed, **dc.task_knobs)
-            test = make_task(name, dc.num_eval, split="test", seed=dc.seed, **dc.task_knobs) if dc.num_eval else None
+        train = make_synthetic(name, dc.num_train, split="train", seed=dc.seed, knobs=dc.task_knobs)
+        test = make_synthetic(name, dc.num_eval, split="test", seed=dc.seed, knobs=dc.task_knobs) if dc.num_eval else None
         return train.to_list(), (test.to_list() if test is not None else [])
     from data.loading import load_dataset
 

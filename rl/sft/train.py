@@ -24,11 +24,10 @@ from rl.sft.config import SFTDataConfig, SFTStageConfig
 def sft_dataset(dc: SFTDataConfig) -> Dataset:
     """Prompt-completion rows in TRL's conversational format; a row without the fields fails by name."""
     if dc.source.startswith("synthetic:"):
-        from data.tasks import make_mixture, make_task
+        from data.tasks import make_synthetic
 
-        name = dc.source.split(":", 1)[1]
-        ds = (make_mixture(dc.task_knobs, split="train", seed=dc.seed) if name == "mixture"
-              else make_task(name, dc.num_train, split="train", seed=dc.seed, **dc.task_knobs))
+        ds = make_synthetic(dc.source.split(":", 1)[1], dc.num_train, split="train", seed=dc.seed,
+                            knobs=dc.task_knobs)
         rows, origin = ds.to_list(), dc.source
     else:
         from data.loading import load_dataset
