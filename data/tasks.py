@@ -37,28 +37,42 @@ def _trace(steps: list[str], answer: str) -> str:
 
 
 # ---------------------------------------------------------------- arithmetic
-def _column_add(a: int, b: int) -> list[str]:
-    """Right-to-left column addition steps, e.g. '7+8+0=15 write 5 carry 1'."""
-    steps, carry = [], 0
+def _column_add(a: int, b: int, slip: random.Random | None = None, slip_rate: float = 0.0) -> tuple[list[str], int]:
+    """Right-to-left column addition steps ('7+8+0=15'), and the sum they arrive at.
+
+    With slip_rate > 0 a carry is dropped with that probability (a sloppy teacher), and the trace arrives at
+    the wrong sum, as written."""
+    steps, carry, total = [], 0, 0
     da, db = str(a)[::-1], str(b)[::-1]
     for i in range(max(len(da), len(db))):
         x = int(da[i]) if i < len(da) else 0
         y = int(db[i]) if i < len(db) else 0
         s = x + y + carry
         steps.append(f"{x}+{y}+{carry}={s}")
+        total += (s % 10) * 10**i
         carry = s // 10
+        if carry and slip is not None and slip.random() < slip_rate:
+            carry = 0
+        elif carry and i == max(len(da), len(db)) - 1:
+            total += 10 ** (i + 1)
     if carry:
         steps.append(f"carry {carry}")
-    return steps
+    return steps, total
 
 
-def _arithmetic_row(rng: random.Random, min_digits: int, max_digits: int, ops: str) -> dict[str, Any]:
+def _arithmetic_row(rng: random.Random, min_digits: int, max_digits: int, ops: str,
+                    slip_rate: float = 0.0) -> dict[str, Any]:
     op = rng.choice(ops)
     da, db = rng.randint(min_digits, max_digits), rng.randint(min_digits, max_digits)
     a = rng.randint(10 ** (da - 1) if da > 1 else 0, 10**da - 1)
     b = rng.randint(10 ** (db - 1) if db > 1 else 0, 10**db - 1)
+    shown = None
     if op == "+":
-        ans, steps = a + b, _column_add(a, b) + [f"{a}+{b}={a + b}"]
+        # the slip draw comes from the problem itself, so the problems drawn do not depend on slip_rate
+        slip = random.Random(f"slip:{a}+{b}") if slip_rate > 0 else None
+        steps, shown = _column_add(a, b, slip, slip_rate)
+        ans = a + b
+        steps.append(f"{a}+{b}={shown}")
     elif op == "-":
         a, b = max(a, b), min(a, b)
         ans, steps = a - b, [f"{a}-{b}={a - b}"]
@@ -69,14 +83,21 @@ def _arithmetic_row(rng: random.Random, min_digits: int, max_digits: int, ops: s
     else:
         raise ValueError(f"arithmetic: unknown op {op!r}; allowed: + - *")
     problem = f"What is {a} {op} {b}?"
-    return {"key": f"arith:{a}{op}{b}", "problem": problem, "answer": str(ans), "solution": _trace(steps, str(ans))}
+    shown = ans if shown is None else shown
+    return {"key": f"arith:{a}{op}{b}", "problem": problem, "answer": str(ans), "solution": _trace(steps, str(shown))}
 
 
-def arithmetic(rng: random.Random, *, min_digits: int = 1, max_digits: int = 3, ops: str = "+-*") -> dict:
-    """Two-operand arithmetic. Difficulty: number of digits and operators."""
+def arithmetic(rng: random.Random, *, min_digits: int = 1, max_digits: int = 3, ops: str = "+-*",
+               slip_rate: float = 0.0) -> dict:
+    """Two-operand arithmetic. Difficulty: number of digits and operators.
+
+    slip_rate: share of carries the worked trace drops (a sloppy teacher's cold-start data: the trace and its
+    boxed answer are then wrong, the gold `answer` stays right). RL with the verifier can unlearn the slip."""
     if not 1 <= min_digits <= max_digits:
         raise ValueError(f"arithmetic: need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
-    return _arithmetic_row(rng, min_digits, max_digits, ops)
+    if not 0.0 <= slip_rate <= 1.0:
+        raise ValueError(f"arithmetic: slip_rate must be in [0, 1], got {slip_rate}")
+    return _arithmetic_row(rng, min_digits, max_digits, ops, slip_rate)
 
 
 # ---------------------------------------------------------------- chain sums

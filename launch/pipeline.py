@@ -3,11 +3,14 @@
   1. build the tokenizer and a tiny Qwen2 base model
   2. cold-start SFT on worked traces (TRL SFTTrainer)
   3. R1-Zero-style GRPO from the SFT model (Ray: vLLM rollout worker + FSDP2 trainer workers)
-  4. distillation into a Llama student: NOT IMPLEMENTED YET (issue 5); the stage is reported as skipped
-  5. evaluation of each model on the same held-out problems with the eval harness (pass@1, T=1.0)
+  4. distillation: the GRPO model generates traces, rejection sampling keeps the verified ones, and a smaller
+     Llama student is trained on them (TRL SFTTrainer)
+  5. evaluation of the SFT model, the GRPO model and the student on the same held-out problems with the eval
+     harness (pass@1 over several samples at temperature 1.0)
 
-Outputs under `output_dir`: summary.json, curves.png, the GRPO metrics JSONL and TensorBoard logs. Re-running
-resumes finished stages (SFT is reused, GRPO continues from its last checkpoint); `--fresh` starts clean.
+Outputs under `output_dir`: summary.json, curves.png, the GRPO metrics JSONL and TensorBoard logs, the
+distillation dataset (with provenance) and its acceptance rate. Re-running resumes finished stages (SFT and
+distillation are reused, GRPO continues from its last checkpoint); `--fresh` starts clean.
 
   python launch/pipeline.py --config configs/demo.yaml [--fresh] [section.key=value ...]
 """
@@ -39,15 +42,18 @@ class EvalSection:
     problems: int = opt(128, "held-out problems")
     samples: int = opt(4, "samples per problem")
     temperature: float = opt(1.0, "sampling temperature")
-    max_tokens: int = opt(48, "maximum response tokens")
+    max_tokens: int = opt(64, "maximum response tokens")
 
 
 @dataclass
 class PipelineConfig:
     output_dir: str = opt("runs/demo", "where every stage writes")
+    task: str = opt("arithmetic", "synthetic task of every stage",
+                    choices=["arithmetic", "chain_sum", "countdown"])
     task_knobs: dict = opt({}, "synthetic task knobs shared by all stages")
     sft: StageSection = field(default_factory=StageSection)
     grpo: StageSection = field(default_factory=StageSection)
+    distill: StageSection = field(default_factory=StageSection)
     eval: EvalSection = field(default_factory=EvalSection)
 
 
@@ -94,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.time()
-    knobs = json.dumps(cfg.task_knobs)
+    data = [f"data.source=synthetic:{cfg.task}", f"data.task_knobs={json.dumps(cfg.task_knobs)}"]
+    timings = {}
 
     t0 = _stage("1/5 tokenizer and tiny Qwen2 base model")
     from rl.tiny import build_tiny
@@ -103,75 +110,92 @@ def main(argv: list[str] | None = None) -> int:
     print(f"base model: {art.qwen2} ({time.time() - t0:.1f}s)")
 
     t0 = _stage("2/5 cold-start SFT (TRL)")
-    from rl.sft.config import SFTStageConfig
-    from rl.sft.train import run_sft
-
     sft_dir = out / "sft"
-    if (sft_dir / "summary.json").exists():
-        sft_summary = json.loads((sft_dir / "summary.json").read_text())
-        print("reusing the finished SFT stage")
-    else:
-        sft_cfg = load_config(SFTStageConfig, cfg.sft.config or None,
-                              list(cfg.sft.overrides) + [f"output_dir={sft_dir}", f"data.task_knobs={knobs}"])
-        sft_summary = run_sft(sft_cfg)
-    print(f"SFT loss {sft_summary['first_loss']:.3f} -> {sft_summary['last_loss']:.3f} ({time.time() - t0:.1f}s)")
+    sft_summary = run_sft_stage(cfg, data, sft_dir)
+    loss = f"{sft_summary['first_loss']:.3f} -> {sft_summary['last_loss']:.3f}"
+    print(f"SFT loss {loss} ({time.time() - t0:.1f}s)")
+    timings["sft_s"] = round(time.time() - t0, 1)
 
     t0 = _stage("3/5 GRPO on Ray (vLLM rollouts, FSDP2 trainers)")
-    from rl.grpo.config import GRPOConfig
-    from rl.grpo.driver import GRPODriver
-
     grpo_dir = out / "grpo"
-    grpo_cfg = load_config(GRPOConfig, cfg.grpo.config or None, list(cfg.grpo.overrides) + [
-        f"model.path={sft_dir / 'final'}", f"log.output_dir={grpo_dir}", f"data.task_knobs={knobs}",
-        "checkpoint.resume=auto"])
-    if (grpo_dir / "final" / "config.json").exists():
-        print("reusing the finished GRPO stage")
-    else:
-        GRPODriver(grpo_cfg).run()
+    run_grpo_stage(cfg, data, sft_dir / "final", grpo_dir)
     plot_curves(grpo_dir / "metrics.jsonl", out / "curves.png")
     print(f"GRPO done ({time.time() - t0:.1f}s); curves at {out / 'curves.png'}")
+    timings["grpo_s"] = round(time.time() - t0, 1)
 
-    _stage("4/5 distillation into a Llama student")
-    print("SKIPPED: the distillation stage is not implemented yet (issue 5).")
+    t0 = _stage("4/5 distillation into a smaller Llama student, and 5/5 held-out evaluation (eval harness)")
+    dist = run_distill_stage(cfg, data, grpo_dir / "final", sft_dir / "final", out / "distill")
+    timings["distill_and_eval_s"] = round(time.time() - t0, 1)
 
-    t0 = _stage("5/5 held-out evaluation (eval harness)")
-    results = evaluate_models({"sft": sft_dir / "final", "grpo": grpo_dir / "final"}, cfg, out)
-    summary = {name: {"accuracy": r["metrics"]["pass@1"], "ci95": [r["metrics"]["pass@1_ci95_low"],
-                                                                   r["metrics"]["pass@1_ci95_high"]]}
-               for name, r in results.items()}
-    summary["distill"] = None
+    evals = {name: json.loads((out / "distill" / f"eval_{key}.json").read_text())
+             for name, key in (("sft", "sft"), ("grpo", "teacher"), ("distill", "student"))}
+    summary = {name: {"accuracy": r["metrics"]["pass@1"],
+                      "ci95": [r["metrics"]["pass@1_ci95_low"], r["metrics"]["pass@1_ci95_high"]]}
+               for name, r in evals.items()}
+    summary["grpo_gain"] = summary["grpo"]["accuracy"] - summary["sft"]["accuracy"]
+    summary["distill_over_grpo"] = (summary["distill"]["accuracy"] / summary["grpo"]["accuracy"]
+                                    if summary["grpo"]["accuracy"] else None)
+    ds = dist["dataset"]
+    summary["distill_dataset"] = {"kept": ds["kept"], "candidates": ds["candidates"],
+                                  "acceptance_rate": ds["acceptance_rate"], "path": ds["dataset"]}
+    summary["student_model"] = dist["student"]["model"]
     summary["wall_s"] = round(time.time() - t_all, 1)
+    summary["stage_s"] = timings
     summary["eval"] = {"problems": cfg.eval.problems, "samples": cfg.eval.samples,
-                       "temperature": cfg.eval.temperature}
+                       "temperature": cfg.eval.temperature, "heldout": dist["heldout"]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\n{'model':<8} {'pass@1':>8}   95% CI")
-    for name in ("sft", "grpo"):
+    for name in ("sft", "grpo", "distill"):
         lo, hi = summary[name]["ci95"]
         print(f"{name:<8} {summary[name]['accuracy']:>8.3f}   [{lo:.3f}, {hi:.3f}]")
-    print(f"{'distill':<8} {'skipped':>8}")
+    ratio = summary["distill_over_grpo"]
+    print(f"GRPO gain over SFT: {summary['grpo_gain']:+.3f}; student / GRPO: "
+          f"{'n/a' if ratio is None else f'{ratio:.2f}'}; distillation kept {ds['kept']}/{ds['candidates']} "
+          f"traces (acceptance {ds['acceptance_rate']:.3f})")
     print(f"wall time {summary['wall_s']:.0f}s; summary at {out / 'summary.json'}")
     return 0
 
 
-def evaluate_models(models: dict[str, Path], cfg: PipelineConfig, out: Path) -> dict[str, dict]:
-    from data.tasks import make_task, write_problems_jsonl
-    from rl.eval.harness import Sampling, evaluate
-    from rl.rollout.vllm_engine import make_llm, reload_weights, shutdown
+def run_sft_stage(cfg: PipelineConfig, data: list[str], sft_dir: Path) -> dict:
+    from rl.config import load_config
+    from rl.sft.config import SFTStageConfig
+    from rl.sft.train import run_sft
 
-    held = write_problems_jsonl(make_task("chain_sum", cfg.eval.problems, split="test", seed=0, **cfg.task_knobs),
-                                out / "heldout.jsonl")
-    first = next(iter(models.values()))
-    llm = make_llm(str(first), max_model_len=512)
-    results = {}
-    try:
-        for name, path in models.items():
-            reload_weights(llm, str(path))
-            results[name] = evaluate(held, llm=llm, quiet=True, output=out / f"eval_{name}.json",
-                                     sampling=Sampling(temperature=cfg.eval.temperature, top_p=1.0,
-                                                       n=cfg.eval.samples, max_tokens=cfg.eval.max_tokens))
-    finally:
-        shutdown(llm)
-    return results
+    if (sft_dir / "summary.json").exists():
+        print("reusing the finished SFT stage")
+        return json.loads((sft_dir / "summary.json").read_text())
+    sft_cfg = load_config(SFTStageConfig, cfg.sft.config or None,
+                          list(cfg.sft.overrides) + data + [f"output_dir={sft_dir}"])
+    return run_sft(sft_cfg)
+
+
+def run_grpo_stage(cfg: PipelineConfig, data: list[str], init: Path, grpo_dir: Path) -> None:
+    from rl.config import load_config
+    from rl.grpo.config import GRPOConfig
+    from rl.grpo.driver import GRPODriver
+
+    grpo_cfg = load_config(GRPOConfig, cfg.grpo.config or None, list(cfg.grpo.overrides) + data + [
+        f"model.path={init}", f"log.output_dir={grpo_dir}", "checkpoint.resume=auto"])
+    if (grpo_dir / "final" / "config.json").exists():
+        print("reusing the finished GRPO stage")
+        return
+    GRPODriver(grpo_cfg).run()
+
+
+def run_distill_stage(cfg: PipelineConfig, data: list[str], teacher: Path, sft: Path, out: Path) -> dict:
+    """Distillation from the GRPO model; its evaluation also covers the SFT model (same held-out problems)."""
+    from rl.config import load_config
+    from rl.distill.config import DistillConfig
+    from rl.distill.run import run_distill
+
+    if (out / "summary.json").exists() and (out / "eval_sft.json").exists():
+        print("reusing the finished distillation stage")
+        return json.loads((out / "summary.json").read_text())
+    e = cfg.eval
+    dcfg = load_config(DistillConfig, cfg.distill.config or None, list(cfg.distill.overrides) + data + [
+        f"teacher.path={teacher}", f"output_dir={out}", f"eval.problems={e.problems}", f"eval.samples={e.samples}",
+        f"eval.temperature={e.temperature}", f"eval.max_tokens={e.max_tokens}", "eval.top_p=1.0", "eval.benchmark="])
+    return run_distill(dcfg, also_evaluate={"sft": str(sft)})
 
 
 if __name__ == "__main__":

@@ -76,6 +76,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" (no dot) as a string; users write it anyway
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -111,10 +116,17 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def _merge(cls: type, base: dict, extra: dict) -> dict:
+    """Overlay `extra` on `base`: sections merge key by key; any other value (a dict field such as
+    data.task_knobs included) is replaced whole, so an override never mixes with the YAML's knobs."""
+    hints = typing.get_type_hints(cls)
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        tp = hints.get(k)
+        if tp is not None and _is_section(tp) and isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(tp, out[k], v)
+        else:
+            out[k] = v
     return out
 
 
@@ -147,7 +159,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p}: top level must be a mapping of sections")
         data = loaded
-    data = _merge(data, parse_overrides(overrides))
+    data = _merge(cls, data, parse_overrides(overrides))
     cfg = _build(cls, data)
     validate(cfg)
     return cfg
@@ -226,13 +238,56 @@ class DataConfig:
 
 
 def resolve_model_path(path: str) -> str:
-    """'tiny:qwen2' / 'tiny:llama' build (or reuse from cache) a tiny model; anything else is passed through."""
-    if path.startswith("tiny:"):
-        from rl.tiny import TinyModelSpec, build_tiny_model
+    """'tiny:<arch>[:key=value,...]' builds (or reuses from cache) a tiny model; anything else passes through.
 
-        arch = path.split(":", 1)[1]
-        return str(build_tiny_model(TinyModelSpec(arch=arch)))
-    return path
+    The optional part overrides `rl.tiny.TinyModelSpec` fields, e.g. a smaller student:
+    'tiny:llama:hidden_size=64,num_heads=2,num_kv_heads=1,intermediate_size=128'."""
+    if not path.startswith("tiny:"):
+        return path
+    import dataclasses as dc
+
+    from rl.tiny import TinyModelSpec, build_tiny_model
+
+    _, arch, *rest = path.split(":", 2)
+    fields = {f.name: f.type for f in dc.fields(TinyModelSpec)}
+    kw: dict[str, Any] = {}
+    for item in filter(None, (rest[0].split(",") if rest else [])):
+        key, _, raw = item.partition("=")
+        if key not in fields or key == "arch" or not raw:
+            raise ConfigError(f"model path {path!r}: {item!r} is not key=value of a tiny-model field; allowed: "
+                              f"{sorted(k for k in fields if k != 'arch')}")
+        value = yaml.safe_load(raw)
+        if not isinstance(value, (int, float, bool)):
+            raise ConfigError(f"model path {path!r}: {key}={raw!r} must be a number or true/false")
+        kw[key] = value
+    try:
+        return str(build_tiny_model(TinyModelSpec(arch=arch, **kw)))
+    except ValueError as e:
+        raise ConfigError(f"model path {path!r}: {e}") from None
+
+
+def check_model_path(path: str, key: str) -> str:
+    """Resolve `path` (tiny:... builds) and check it is a loadable HF model, before any work starts.
+
+    Raises ConfigError naming `key` for a directory without config.json, or a name that is neither a local
+    directory nor a hub id that can be loaded (offline machines: only local directories and the HF cache)."""
+    resolved = resolve_model_path(path)
+    p = Path(resolved).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"{key}={path}: {p} is not an HF model directory (no config.json)")
+        return str(p)
+    looks_like_hub = resolved.count("/") == 1 and not resolved.startswith((".", "/", "~"))
+    if not looks_like_hub:
+        raise ConfigError(f"{key}={path}: no such model directory")
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(resolved)
+    except Exception as e:  # OSError offline or for a missing repo; ValueError for a non-model repo
+        raise ConfigError(f"{key}={path}: no such local directory, and the hub id could not be loaded "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    return resolved
 
 
 def cli_config(cls: type[T], description: str, argv: Sequence[str] | None = None) -> T | int:

@@ -128,8 +128,29 @@ def test_bad_config_fails_before_ray_starts(capsys, monkeypatch):
 def test_all_shipped_configs_validate():
     from pathlib import Path
 
+    from launch.pipeline import PipelineConfig
+    from rl.distill.config import DistillConfig
+    from rl.sft.config import SFTStageConfig
+
     for path in Path("configs").glob("*grpo*.yaml"):
         load_config(GRPOConfig, path)
+    load_config(SFTStageConfig, "configs/tiny_sft.yaml")
+    load_config(DistillConfig, "configs/tiny_distill.yaml")
+    demo = load_config(PipelineConfig, "configs/demo.yaml")
+    for stage, cls in (("sft", SFTStageConfig), ("grpo", GRPOConfig), ("distill", DistillConfig)):
+        section = getattr(demo, stage)
+        load_config(cls, section.config, section.overrides)
+
+
+def test_overrides_replace_dict_fields_merge_sections_and_read_exponents():
+    base = load_config(GRPOConfig, "configs/tiny_grpo.yaml")
+    assert base.data.task_knobs["min_terms"] == 2 and base.rollout.n == 8
+    cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", ["data.task_knobs={max_value: 9}", "trainer.lr=2e-4"])
+    assert cfg.data.task_knobs == {"max_value": 9}          # a dict field is replaced, not mixed with the YAML's
+    assert cfg.data.num_train == base.data.num_train        # while the section keeps its other keys
+    assert cfg.trainer.lr == 2e-4                           # YAML 1.1 reads "2e-4" as a string; we accept it
+    with pytest.raises(ConfigError, match=r"trainer.lr: expected a number, got 'fast'"):
+        load_config(GRPOConfig, None, ["trainer.lr=fast"])
 
 
 def test_merge_lora_state_matches_peft(tiny):

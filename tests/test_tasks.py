@@ -73,3 +73,28 @@ def test_mixture_and_split_function():
     ds = make_mixture({"chain_sum": {"n": 20}, "countdown": {"n": 10}}, seed=0)
     assert len(ds) == 30 and set(ds["task"]) == {"chain_sum", "countdown"}
     assert split_of("x") in ("train", "test")
+
+
+def test_sloppy_teacher_slips_only_carries_and_keeps_gold_answers():
+    """slip_rate drops carries in the *traces* (a sloppy cold-start teacher); problems and gold answers are the
+    same as without slips, and a trace is wrong exactly when it dropped a carry."""
+    knobs = {"min_digits": 2, "max_digits": 2, "ops": "+"}
+    clean = make_task("arithmetic", 1000, seed=3, **knobs)
+    sloppy = make_task("arithmetic", 1000, seed=3, slip_rate=0.5, **knobs)
+    assert clean["problem"] == sloppy["problem"] and clean["answer"] == sloppy["answer"]
+    wrong = carries = 0
+    for row in sloppy:
+        a, b = (int(x) for x in row["problem"][len("What is "):-1].split(" + "))
+        steps = row["solution"].split("</think>")[0].split("\n")[1:-1]
+        col = [s for s in steps if s[0].isdigit() and s.count("+") == 2]
+        carried_in = [int(s.split("=")[0].split("+")[2]) for s in col]
+        sums = [int(s.split("=")[1]) for s in col]
+        dropped = sum(1 for i in range(len(col)) if sums[i] >= 10 and (
+            carried_in[i + 1] == 0 if i + 1 < len(col) else "carry 1" not in steps))
+        carries += sum(1 for s in sums if s >= 10)
+        shown = int(_boxed(row["solution"]))
+        assert (shown != a + b) == (dropped > 0), row["solution"]
+        wrong += shown != a + b
+    assert 0.35 < wrong / 1000 < 0.6 and carries > 400
+    with pytest.raises(ValueError, match="slip_rate"):
+        make_task("arithmetic", 5, slip_rate=1.5)

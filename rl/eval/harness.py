@@ -195,3 +195,53 @@ def summary_table(results: dict[str, Any]) -> str:
         lines.append(f"-- {name}")
         lines += [f"   {b:<28} {row['pass@1']:.3f}  (n={row['num_problems']})" for b, row in table.items()]
     return "\n".join(lines)
+
+
+def _engine_signature(path: str | Path) -> tuple:
+    """What must match for one vLLM engine to serve another checkpoint through `reload_weights`: the
+    architecture's shapes and the tokenizer's meaning (vocabulary, special tokens, chat template), not the
+    bytes of tokenizer.json, which every library re-serialises a little differently."""
+    import hashlib
+
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    cfg = json.loads((p / "config.json").read_text())
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "vocab_size", "tie_word_embeddings")
+    tok = AutoTokenizer.from_pretrained(str(p))
+    meaning = json.dumps([sorted(tok.get_vocab().items()), tok.eos_token, tok.pad_token, tok.bos_token,
+                          getattr(tok, "chat_template", None)])
+    return tuple(cfg.get(k) for k in keys) + (hashlib.sha256(meaning.encode()).hexdigest(),)
+
+
+def evaluate_models(models: Mapping[str, str | Path], benchmark: str, sampling: Sampling,
+                    out_dir: str | Path, *, llm: Any = None, llm_model: str | Path | None = None,
+                    max_model_len: int = 2048, quiet: bool = True) -> dict[str, dict[str, Any]]:
+    """Evaluate several checkpoints on one benchmark, reusing an engine across same-architecture models.
+
+    `llm` (serving `llm_model`) may be passed in to save an engine start; models it can serve are loaded into
+    it with `reload_weights` (so it ends up holding the last of them). Other architectures get their own
+    engine, shut down afterwards. Writes eval_<name>.json (+ per-sample JSONL) under out_dir."""
+    from rl.rollout.vllm_engine import make_llm, reload_weights, shutdown
+
+    out = Path(out_dir)
+    sig = _engine_signature(llm_model) if llm is not None and llm_model is not None else None
+    engine, own = (llm, None) if sig is not None else (None, None)
+    results = {}
+    try:
+        for name, path in models.items():
+            want = _engine_signature(path)
+            if engine is None or want != sig:
+                if own is not None:
+                    shutdown(own)
+                own = engine = make_llm(str(path), max_model_len=max_model_len, seed=sampling.seed)
+                sig = want
+            else:
+                reload_weights(engine, str(path))
+            results[name] = evaluate(benchmark, llm=engine, sampling=sampling, quiet=quiet,
+                                     output=out / f"eval_{name}.json")
+    finally:
+        if own is not None:
+            shutdown(own)
+    return results

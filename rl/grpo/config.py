@@ -51,6 +51,9 @@ class AlgoConfig:
     tis_cap: float = opt(2.0, "truncated importance sampling cap vs rollout log-probs (0 = off)")
     overlong_filter: bool = opt(False, "DAPO: truncated responses do not contribute to the loss")
     logprob_check_tol: float = opt(0.1, "step 0: stop if mean |trainer - rollout| log-prob exceeds this")
+    distill_teacher: str = opt("", "on-policy distillation: teacher model path (same tokenizer as the policy); "
+                                   "each sampled token's advantage gets -distill_coef * (log pi - log teacher)")
+    distill_coef: float = opt(1.0, "weight of the per-token reverse-KL advantage (with distill_teacher)")
 
     def validate(self) -> None:
         from rl.algos import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
@@ -64,6 +67,7 @@ class AlgoConfig:
         require(self.dual_clip_c == 0 or self.dual_clip_c > 1, "algo.dual_clip_c", "must be 0 (off) or > 1")
         require(self.kl_coef >= 0, "algo.kl_coef", "must be >= 0")
         require(self.tis_cap == 0 or self.tis_cap >= 1, "algo.tis_cap", "must be 0 (off) or >= 1")
+        require(self.distill_coef > 0, "algo.distill_coef", "must be > 0")
 
 
 @dataclass

@@ -22,7 +22,9 @@ from typing import Any
 import torch
 
 from rl.algos import compute_advantages
-from rl.config import resolve_model_path, to_dict
+from rl.algos.distill import reverse_kl_metrics
+from rl.config import check_model_path, resolve_model_path, to_dict
+from rl.distill.compat import check_same_tokenizer
 from rl.grpo.batching import Group, build_batch, fill_batch, shard, unshard
 from rl.grpo.config import GRPOConfig
 from rl.grpo.metrics_log import MetricsLog
@@ -80,6 +82,9 @@ class GRPODriver:
         (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
         self.model_path = resolve_model_path(cfg.model.path)
         self.tok = AutoTokenizer.from_pretrained(self.model_path)
+        if cfg.algo.distill_teacher:  # before Ray starts: a wrong teacher is a config error, not a crash later
+            cfg.algo.distill_teacher = check_model_path(cfg.algo.distill_teacher, "algo.distill_teacher")
+            check_same_tokenizer(self.model_path, cfg.algo.distill_teacher)
         self.train_rows, self.heldout_rows = load_train_rows(cfg.data)
         self.prompt_ids = tokenize_prompts(self.train_rows, self.tok, cfg.data, cfg.data.source)
         self.cursor = Cursor(cfg.trainer.seed, len(self.train_rows))
@@ -219,6 +224,11 @@ class GRPODriver:
             s.update(lp)
         old = unshard([lp["old_logp"] for lp in lps], parts, rewards.numel())
         mask = batch["response_mask"].bool()
+        if cfg.algo.distill_teacher:
+            teacher = unshard([lp["teacher_logp"] for lp in lps], parts, rewards.numel())
+            m.update(reverse_kl_metrics(old, teacher, mask))
+            for s in shards:  # the baseline of the reverse-KL advantage: one constant for the whole batch
+                s["distill_baseline"] = torch.tensor(m["distill/reverse_kl"])
         diff = (old - batch["rollout_logp"]).abs()[mask]
         m["rollout/logprob_diff"] = float(diff.mean()) if diff.numel() else 0.0
         m["rollout/logprob_diff_max"] = float(diff.max()) if diff.numel() else 0.0

@@ -1,7 +1,8 @@
 """FSDP2 trainer worker (one Ray actor per data-parallel rank).
 
 Each worker holds a `fully_shard`-ed policy (each decoder layer sharded, then the root), an AdamW optimizer and
-an LR schedule, and optionally a frozen, sharded reference copy for the KL term. Collective calls
+an LR schedule, optionally a frozen, sharded reference copy for the KL term and a frozen, sharded teacher for
+on-policy distillation (`rl.algos.distill`). Collective calls
 (`compute_logprobs`, `update`, `save_hf`, `save_checkpoint`, `load_checkpoint`) must be called on every
 rank: FSDP all-gathers parameters in every forward, so ranks also run equal numbers of micro-batches
 (short ranks run zero-weighted dummy micro-batches).
@@ -20,9 +21,11 @@ import torch
 import torch.distributed as dist
 
 from rl.algos import POLICY_LOSSES, agg_loss, entropy_from_logits, kl_penalty, token_logprobs
+from rl.algos.distill import reverse_kl_advantages
 from rl.grpo.config import GRPOConfig
 
 Batch = dict[str, torch.Tensor]   # input_ids, attention_mask [B, L]; response_mask, rollout_logp [B, L]; adv [B]
+                                  # (+ old_logp, ref_logp, teacher_logp [B, L] from compute_logprobs)
 
 
 def lr_lambda(cfg: GRPOConfig):
@@ -75,6 +78,8 @@ class TrainerWorker:
         self._seed(tc.seed + rank)
         self.model = self._load(trainable=True)
         self.ref = self._load(trainable=False) if cfg.algo.kl_coef > 0 else None
+        self.teacher = (self._load(trainable=False, path=cfg.algo.distill_teacher)
+                        if cfg.algo.distill_teacher else None)
         self.optim = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=tc.lr,
                                        betas=tuple(tc.betas),
                                        weight_decay=tc.weight_decay)
@@ -85,13 +90,13 @@ class TrainerWorker:
         random.seed(seed)
         torch.manual_seed(seed)
 
-    def _load(self, trainable: bool):
+    def _load(self, trainable: bool, path: str | None = None):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
         from transformers import AutoModelForCausalLM
 
         dtype = torch.bfloat16 if self.cfg.model.dtype == "bfloat16" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype,
+        model = AutoModelForCausalLM.from_pretrained(path or self.model_path, dtype=dtype,
                                                      trust_remote_code=self.cfg.model.trust_remote_code)
         model.to(self.device)
         if trainable and self.cfg.model.gradient_checkpointing:
@@ -140,24 +145,21 @@ class TrainerWorker:
     # ------------------------------------------------------------------------------------------------ API
     @torch.no_grad()
     def compute_logprobs(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Old (current policy) and reference log-probs [B, L] of this rank's shard."""
+        """Old (current policy), reference and teacher log-probs [B, L] of this rank's shard."""
         temp = self.cfg.rollout.temperature
         lengths = batch["attention_mask"].sum(-1).tolist()
         groups = micro_batches(lengths, self.cfg.trainer.micro_batch_tokens)
         n = self._equalize(len(groups))
-        out = {"old_logp": torch.zeros_like(batch["rollout_logp"])}
-        if self.ref is not None:
-            out["ref_logp"] = torch.zeros_like(batch["rollout_logp"])
+        models = {"old_logp": self.model, "ref_logp": self.ref, "teacher_logp": self.teacher}
+        models = {k: m for k, m in models.items() if m is not None}
+        out = {k: torch.zeros_like(batch["rollout_logp"]) for k in models}
         self.model.eval()
         for g in range(n):
             idx = groups[g] if g < len(groups) else None
-            lp, _, ids = self._forward(self.model, batch, idx, temp)
-            if idx is not None:
-                out["old_logp"][idx, : ids.shape[1]] = lp.float().cpu()
-            if self.ref is not None:
-                rlp, _, _ = self._forward(self.ref, batch, idx, temp)
+            for key, model in models.items():
+                lp, _, ids = self._forward(model, batch, idx, temp)
                 if idx is not None:
-                    out["ref_logp"][idx, : ids.shape[1]] = rlp.float().cpu()
+                    out[key][idx, : ids.shape[1]] = lp.float().cpu()
         return out
 
     def update(self, batch: Batch) -> dict[str, float]:
@@ -192,8 +194,12 @@ class TrainerWorker:
                     m = batch["response_mask"][idx, :L].to(lp.device)
                     old = batch["old_logp"][idx, :L].to(lp.device)
                     roll = batch["rollout_logp"][idx, :L].to(lp.device)
+                    adv = batch["adv"][idx].to(lp.device)
+                    if self.teacher is not None:
+                        adv = reverse_kl_advantages(adv, old, batch["teacher_logp"][idx, :L].to(lp.device),
+                                                    a.distill_coef, float(batch["distill_baseline"]))
                     loss, metrics = policy_loss(
-                        lp, old, batch["adv"][idx].to(lp.device), m, clip_eps_low=a.clip_eps_low,
+                        lp, old, adv, m, clip_eps_low=a.clip_eps_low,
                         clip_eps_high=a.clip_eps_high, dual_clip_c=a.dual_clip_c or None, agg=a.loss_agg,
                         rollout_logp=roll if a.tis_cap > 0 else None, tis_cap=a.tis_cap or None,
                         num_tokens=n_tok, num_seqs=n_seq, max_len=max_len)

@@ -1,0 +1,1 @@
+"""Distillation: off-policy (teacher traces -> student SFT) and on-policy (reverse KL in the GRPO loop)."""
