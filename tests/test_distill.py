@@ -168,6 +168,7 @@ def test_traces_dataset_has_provenance_and_acceptance_rate(tiny_sft, vllm_engine
     assert summary["acceptance_rate"] == pytest.approx(len(rows) / len(traces))
     written = json.loads((out / "dataset_summary.json").read_text())
     assert written["acceptance_rate"] == summary["acceptance_rate"]
+    assert written["scoring"]["reward/errors"] == 0 and written["scoring"]["reward/timeouts"] == 0
     from rewards.math import verify
 
     for r in rows:

@@ -98,7 +98,7 @@ def make_traces(cfg: DistillConfig, inp: Inputs, out: Path, llm: Any) -> dict[st
     cands = generate_traces(llm, tok, inp.rows, cfg.sampling, template=cfg.data.template,
                             force_think=cfg.data.force_think)
     gen_s = time.time() - t0
-    scores = score_traces(cands, cfg.filter, cfg.sampling.max_tokens)
+    scores, score_metrics = score_traces(cands, cfg.filter, cfg.sampling.max_tokens)
     cap = cfg.filter.max_tokens or cfg.sampling.max_tokens
     kept, reasons, stats = select_traces(cands, scores, cfg.filter, cap)
     provenance = {"teacher": cfg.teacher.path, "teacher_resolved": inp.teacher,
@@ -114,7 +114,8 @@ def make_traces(cfg: DistillConfig, inp: Inputs, out: Path, llm: Any) -> dict[st
                            f"see {out / 'traces.jsonl'}. The teacher cannot solve these prompts under the filter "
                            "(filter.min_scores, filter.max_tokens), so there is nothing to distill.")
     write_jsonl_atomic(dataset_rows(cands, kept, scores, provenance), out / "dataset.jsonl")
-    summary = {**stats, "generation_s": round(gen_s, 2),
+    summary = {**stats, "scoring": {k: v for k, v in score_metrics.items() if k.startswith("reward/")},
+               "generation_s": round(gen_s, 2),
                "tokens_per_s": round(sum(c["num_tokens"] for c in cands) / max(gen_s, 1e-9), 1),
                "provenance": provenance, "dataset": str(out / "dataset.jsonl")}
     (out / "dataset_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -85,8 +85,10 @@ def select_traces(cands: Sequence[Mapping[str, Any]], scores: Mapping[str, Seque
     return kept, reasons, stats
 
 
-def score_traces(cands: Sequence[Mapping[str, Any]], f: FilterSection, max_tokens: int) -> dict[str, list[float]]:
-    """Each filter reward's raw value per candidate (through the shared scorer: pool, timeouts, cache)."""
+def score_traces(cands: Sequence[Mapping[str, Any]], f: FilterSection, max_tokens: int
+                 ) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Each filter reward's raw value per candidate (through the shared scorer: pool, timeouts, cache), and the
+    scorer's metrics (reward/timeouts, reward/errors: such traces score 0 and are rejected, never kept)."""
     from rewards.scorer import RewardScorer
 
     scorer = RewardScorer(f.rewards)
@@ -95,7 +97,7 @@ def score_traces(cands: Sequence[Mapping[str, Any]], f: FilterSection, max_token
     if res.metrics.get("reward/timeouts") or res.metrics.get("reward/errors"):
         print(f"warning: reward scoring had failures (scored 0, so rejected): {res.metrics}; "
               f"example: {res.error_example}", flush=True)
-    return {name: list(res.components[name]) for name in f.rewards}
+    return {name: list(res.components[name]) for name in f.rewards}, dict(res.metrics)
 
 
 def dataset_rows(cands: Sequence[Mapping[str, Any]], kept: Sequence[int], scores: Mapping[str, Sequence[float]],
