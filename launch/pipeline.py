@@ -77,8 +77,9 @@ def plot_curves(metrics_path: Path, out_png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
-    rows = [r for r in rows if "rollout/reward_mean" in r]
+    everything = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+    rows = [r for r in everything if "rollout/reward_mean" in r]
+    val = [r for r in everything if "val/heldout/pass@1" in r]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
     steps = [r["step"] for r in rows]
     ax[0].plot(steps, [r["rollout/reward_mean"] for r in rows], label="reward")
@@ -86,8 +87,11 @@ def plot_curves(metrics_path: Path, out_png: Path) -> None:
     ax[0].set_title("GRPO reward")
     ax[0].set_xlabel("step")
     ax[0].legend()
-    ax[1].plot(steps, [r.get("reward/accuracy_mean", 0) for r in rows], label="train accuracy")
-    ax[1].set_title("GRPO accuracy (training samples)")
+    ax[1].plot(steps, [r.get("reward/accuracy_mean", 0) for r in rows], label="train accuracy (samples)")
+    if val:
+        ax[1].plot([r["step"] for r in val], [r["val/heldout/pass@1"] for r in val], "o-",
+                   label="held-out pass@1 (validation)")
+    ax[1].set_title("GRPO accuracy")
     ax[1].set_xlabel("step")
     ax[1].legend()
     fig.tight_layout()
