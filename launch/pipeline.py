@@ -26,14 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rl.config import opt  # noqa: E402
-
-
-@dataclass
-class StageSection:
-    """One stage: a base config file plus overrides (section.key=value)."""
-    config: str = opt("", "YAML config of the stage")
-    overrides: list = opt([], "overrides applied on top of the YAML")
+from rl.config import StageRef, opt, to_dict  # noqa: E402
 
 
 @dataclass
@@ -51,9 +44,9 @@ class PipelineConfig:
     task: str = opt("arithmetic", "synthetic task of every stage",
                     choices=["arithmetic", "chain_sum", "countdown"])
     task_knobs: dict = opt({}, "synthetic task knobs shared by all stages")
-    sft: StageSection = field(default_factory=StageSection)
-    grpo: StageSection = field(default_factory=StageSection)
-    distill: StageSection = field(default_factory=StageSection)
+    sft: StageRef = field(default_factory=StageRef)
+    grpo: StageRef = field(default_factory=StageRef)
+    distill: StageRef = field(default_factory=StageRef)
     eval: EvalSection = field(default_factory=EvalSection)
 
 
@@ -175,24 +168,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_sft_stage(cfg: PipelineConfig, data: list[str], sft_dir: Path) -> tuple[dict, bool]:
-    from rl.config import load_config
     from rl.sft.config import SFTStageConfig
     from rl.sft.train import run_sft
 
     if (sft_dir / "summary.json").exists():
         print("reusing the finished SFT stage")
         return json.loads((sft_dir / "summary.json").read_text()), True
-    sft_cfg = load_config(SFTStageConfig, cfg.sft.config or None,
-                          list(cfg.sft.overrides) + data + [f"output_dir={sft_dir}"])
+    sft_cfg = cfg.sft.load(SFTStageConfig, data + [f"output_dir={sft_dir}"])
     return run_sft(sft_cfg), False
 
 
 def run_grpo_stage(cfg: PipelineConfig, data: list[str], init: Path, grpo_dir: Path) -> bool:
-    from rl.config import load_config
     from rl.grpo.config import GRPOConfig
     from rl.grpo.driver import GRPODriver
 
-    grpo_cfg = load_config(GRPOConfig, cfg.grpo.config or None, list(cfg.grpo.overrides) + data + [
+    grpo_cfg = cfg.grpo.load(GRPOConfig, data + [
         f"model.path={init}", f"log.output_dir={grpo_dir}", "checkpoint.resume=auto"])
     if (grpo_dir / "final" / "config.json").exists():
         print("reusing the finished GRPO stage")
@@ -204,17 +194,14 @@ def run_grpo_stage(cfg: PipelineConfig, data: list[str], init: Path, grpo_dir: P
 def run_distill_stage(cfg: PipelineConfig, data: list[str], teacher: Path, sft: Path, out: Path
                       ) -> tuple[dict, bool]:
     """Distillation from the GRPO model; its evaluation also covers the SFT model (same held-out problems)."""
-    from rl.config import load_config
     from rl.distill.config import DistillConfig
     from rl.distill.run import run_distill
 
     if (out / "summary.json").exists() and (out / "eval_sft.json").exists():
         print("reusing the finished distillation stage")
         return json.loads((out / "summary.json").read_text()), True
-    e = cfg.eval
-    dcfg = load_config(DistillConfig, cfg.distill.config or None, list(cfg.distill.overrides) + data + [
-        f"teacher.path={teacher}", f"output_dir={out}", f"eval.problems={e.problems}", f"eval.samples={e.samples}",
-        f"eval.temperature={e.temperature}", f"eval.max_tokens={e.max_tokens}", "eval.top_p=1.0", "eval.benchmark="])
+    evals = [f"eval.{k}={v}" for k, v in to_dict(cfg.eval).items()] + ["eval.top_p=1.0", "eval.benchmark="]
+    dcfg = cfg.distill.load(DistillConfig, data + evals + [f"teacher.path={teacher}", f"output_dir={out}"])
     return run_distill(dcfg, also_evaluate={"sft": str(sft)}), False
 
 

@@ -199,7 +199,29 @@ def require(cond: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def require_known_rewards(names: Sequence[str], key: str) -> None:
+    """Validation helper: every name resolves in the reward registry (or as module:function)."""
+    from rewards.registry import RewardPluginError, get
+
+    for name in names:
+        try:
+            get(str(name))
+        except RewardPluginError as e:
+            raise ConfigError(f"{key}: {e}") from None
+
+
 # ------------------------------------------------------------------ sections shared by every stage
+@dataclasses.dataclass
+class StageRef:
+    """Another stage's config, run from this one: its YAML file plus overrides (section.key=value)."""
+    config: str = opt("", "YAML config of the stage (configs/*.yaml)")
+    overrides: list = opt([], "overrides applied on top of the YAML (section.key=value)")
+
+    def load(self, cls: type[T], extra: Sequence[str] = ()) -> T:
+        """The stage's validated config; `extra` overrides (set by the caller) win over `overrides`."""
+        return load_config(cls, self.config or None, list(self.overrides) + list(extra))
+
+
 @dataclasses.dataclass
 class ModelConfig:
     """The policy / student model."""

@@ -138,8 +138,7 @@ def test_all_shipped_configs_validate():
     load_config(DistillConfig, "configs/tiny_distill.yaml")
     demo = load_config(PipelineConfig, "configs/demo.yaml")
     for stage, cls in (("sft", SFTStageConfig), ("grpo", GRPOConfig), ("distill", DistillConfig)):
-        section = getattr(demo, stage)
-        load_config(cls, section.config, section.overrides)
+        getattr(demo, stage).load(cls)
 
 
 def test_overrides_replace_dict_fields_merge_sections_and_read_exponents():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rl.config import ConfigError, DataConfig, opt, require
+from rl.config import DataConfig, StageRef, opt, require, require_known_rewards
 
 
 @dataclass
@@ -48,24 +48,18 @@ class FilterSection:
     max_per_prompt: int = opt(0, "keep at most this many traces per prompt (0 = all that pass)")
 
     def validate(self) -> None:
-        from rewards.registry import RewardPluginError, get
-
         require(len(self.rewards) >= 1, "filter.rewards", "needs at least one reward function")
         require(len(self.min_scores) == len(self.rewards), "filter.min_scores",
                 f"{len(self.min_scores)} minimums for {len(self.rewards)} rewards {self.rewards}")
-        for name in self.rewards:
-            try:
-                get(str(name))
-            except RewardPluginError as e:
-                raise ConfigError(f"filter.rewards: {e}") from None
+        require_known_rewards(self.rewards, "filter.rewards")
         require(self.max_tokens >= 0 and self.max_per_prompt >= 0, "filter.max_tokens", "must be >= 0")
 
 
 @dataclass
-class StudentSection:
-    """The student, trained by the SFT stage on the kept traces."""
-    config: str = opt("", "SFT stage YAML (configs/*.yaml); data.source and output_dir are set by distillation")
-    overrides: list = opt([], "SFT overrides (section.key=value), e.g. model.path=tiny:llama")
+class StudentSection(StageRef):
+    """The student's SFT stage (YAML + overrides); distillation sets its data.source and output_dir.
+
+    e.g. overrides: [model.path=tiny:llama, train.max_steps=1000]."""
 
 
 @dataclass

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from rl.config import ConfigError, check_model_path, load_config, to_dict
+from rl.config import ConfigError, check_model_path, to_dict
 from rl.distill.config import DistillConfig
 from rl.distill.traces import dataset_rows, generate_traces, score_traces, select_traces, write_jsonl_atomic
+from rl.grpo.prompts import load_train_rows
 from rl.sft.config import SFTStageConfig
 
 
@@ -34,20 +35,6 @@ class Inputs:
     heldout: str | None                # benchmark name or JSONL path for evaluation (None: skipped)
     student_cfg: SFTStageConfig
     student_spec: str                  # the student's model.path as configured (e.g. tiny:llama:hidden_size=96)
-
-
-def _prompt_rows(cfg: DistillConfig) -> list[dict[str, Any]]:
-    dc = cfg.data
-    if dc.source.startswith("synthetic:"):
-        from data.tasks import make_synthetic
-
-        return make_synthetic(dc.source.split(":", 1)[1], dc.num_train, split="train", seed=dc.seed,
-                              knobs=dc.task_knobs).to_list()
-    from data.loading import load_dataset
-
-    rows = load_dataset(dc.source, split=dc.split, field_map=dc.field_map, required=("problem", "answer"),
-                        add_prompt=False).to_list()
-    return rows[: dc.num_train]
 
 
 def _heldout(cfg: DistillConfig, out: Path) -> str | None:
@@ -69,13 +56,13 @@ def _heldout(cfg: DistillConfig, out: Path) -> str | None:
 def check_inputs(cfg: DistillConfig, out: Path) -> Inputs:
     """Everything that can be wrong with the input, checked before the teacher generates a token."""
     teacher = check_model_path(cfg.teacher.path, "teacher.path")
-    rows = _prompt_rows(cfg)
+    # the same prompt rows GRPO trains on (the held-out split is made by _heldout, for eval.problems)
+    rows = load_train_rows(replace(cfg.data, num_eval=0))[0][: cfg.data.num_train]
     if not rows:
         raise ConfigError(f"data.source={cfg.data.source}: no prompts")
-    student_overrides = list(cfg.student.overrides) + [
+    student_cfg = cfg.student.load(SFTStageConfig, [
         f"data.source={out / 'dataset.jsonl'}", "data.completion_field=completion", "data.field_map={}",
-        f"output_dir={out / 'student'}"]
-    student_cfg = load_config(SFTStageConfig, cfg.student.config or None, student_overrides)
+        f"output_dir={out / 'student'}"])
     spec = student_cfg.model.path
     student_cfg.model.path = check_model_path(spec, "student model.path")
     return Inputs(teacher, rows, _heldout(cfg, out), student_cfg, spec)

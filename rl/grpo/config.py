@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rl.config import ConfigError, DataConfig, ModelConfig, opt, require
+from rl.config import DataConfig, ModelConfig, opt, require, require_known_rewards
 
 
 @dataclass
@@ -80,15 +80,9 @@ class RewardSection:
     overlong_buffer: int = opt(0, "soft overlong penalty buffer in tokens (with the 'overlong' reward)")
 
     def validate(self) -> None:
-        from rewards.registry import RewardPluginError, get
-
         require(len(self.functions) == len(self.weights), "reward.weights",
                 f"{len(self.weights)} weights for {len(self.functions)} functions {self.functions}")
-        for name in self.functions:
-            try:
-                get(str(name))
-            except RewardPluginError as e:
-                raise ConfigError(f"reward.functions: {e}") from None
+        require_known_rewards(self.functions, "reward.functions")
 
 
 @dataclass
