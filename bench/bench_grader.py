@@ -75,7 +75,8 @@ def run(name: str, comps: list[str], samples: list[dict]) -> dict:
     dt = time.perf_counter() - t0
     out = {"workload": name, "n": len(comps), "seconds": round(dt, 3), "per_s": round(len(comps) / dt, 1),
            "accuracy_mean": round(res.metrics["reward/accuracy_mean"], 3),
-           "slow_path": res.metrics["reward/slow_path"], "timeouts": res.metrics["reward/timeouts"]}
+           "slow_path": res.metrics["reward/slow_path"], "timeouts": res.metrics["reward/timeouts"],
+           "failed_frac": res.metrics["reward/failed_frac"]}
     print(json.dumps(out))
     return out
 

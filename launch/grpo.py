@@ -21,9 +21,20 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cli_config(GRPOConfig, __doc__, argv)
     if isinstance(cfg, int):
         return cfg
-    from rl.grpo.driver import GRPODriver
+    from data.loading import DataError
+    from rl.config import ConfigError
+    from rl.grpo.driver import GRPODriver, WeightSyncError, WorkerDied
+    from rl.grpo.placement import InsufficientResources
+    from rl.grpo.rewards_check import RewardFailureError
 
-    result = GRPODriver(cfg).run()
+    try:
+        result = GRPODriver(cfg).run()
+    except (ConfigError, DataError, InsufficientResources) as e:   # nothing was trained: fix the input
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except (WorkerDied, WeightSyncError, RewardFailureError) as e:  # stopped on purpose, with the reason
+        print(f"stopped: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return 1
     print(f"done: {result}")
     return 0
 

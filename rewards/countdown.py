@@ -59,6 +59,11 @@ def check_expression(expr: str, numbers: Sequence[int], target: int | str) -> bo
 
 
 def check_completion(completion: str, sample: Mapping[str, Any]) -> bool:
-    """A countdown row's verdict: the completion's final boxed expression checked against its numbers/target."""
+    """A countdown row's verdict: the completion's final boxed expression checked against its numbers/target.
+    Never a failed item (evaluation is bounded by MAX_EXPR_CHARS and has no powers); a row without its
+    numbers/target is a data error and raises, naming the missing fields."""
+    missing = [k for k in ("numbers", "target") if k not in sample]
+    if missing:
+        raise KeyError(f"countdown row without {missing} (fields: {sorted(sample)})")
     expr = extract_answer(completion)
     return expr is not None and check_expression(expr, sample["numbers"], sample["target"])

@@ -1,9 +1,16 @@
-"""Answer extraction: the last `\\boxed{...}` after the last `</think>`.
+"""Answer extraction: the boxed answers after the last `</think>`.
+
+`extract_answer` gives the last `\\boxed{...}` of the final answer region (what the format reward and the
+countdown checker read); `final_answers` gives every distinct boxed answer of that region, in order, which is
+what the math grader judges (several boxes can be the parts of one answer, e.g. `\\boxed{2}` and `\\boxed{3}`
+for "2, 3"; see rewards.math for how several boxes are judged).
 
 Linear-time scanning (no backtracking regex over model output), nested braces handled. Also accepted:
 `\\boxed 5` (a single token without braces, as some models write) and `\\fbox{...}`.
 """
 from __future__ import annotations
+
+import re
 
 THINK_END = "</think>"
 _BOX_CMDS = ("\\boxed", "\\fbox")
@@ -70,3 +77,79 @@ def extract_answer(completion: str) -> str | None:
     """The graded answer of a completion: last boxed content after the last </think>; None if absent/empty."""
     ans = last_boxed(answer_region(completion))
     return ans if ans else None
+
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)")
+
+
+_BRACE = re.compile(r"\\[{}]|[{}]")
+
+
+def _brace_pairs(text: str, start: int = 0) -> dict[int, int]:
+    """{index of '{': index of its closing '}'} for text[start:] in one pass over its braces (escaped \\{ \\}
+    are content, as in _match_braces), so scanning many boxes stays linear."""
+    pairs, stack = {}, []
+    for m in _BRACE.finditer(text, start):
+        c = m.group()
+        if c == "{":
+            stack.append(m.start())
+        elif c == "}" and stack:
+            pairs[stack.pop()] = m.start()
+    return pairs
+
+
+def _box_at(text: str, start: int, cmd: str, pairs: dict[int, int]) -> tuple[str | None, int]:
+    """(content, end) of the box command at `start`; content None when it is not a usable box."""
+    j = start + len(cmd)
+    if j < len(text) and text[j].isalpha():  # \boxedx is another command
+        return None, j
+    while j < len(text) and text[j] == " ":
+        j += 1
+    if j < len(text) and text[j] == "{":
+        end = pairs.get(j)
+        return (text[j + 1:end], end + 1) if end is not None else (None, j + 1)
+    if cmd == "\\boxed" and start + len(cmd) < j < len(text):  # "\boxed 5": up to the next space or '$'
+        k = j
+        while k < len(text) and text[k] not in " $\n":
+            k += 1
+        return text[j:k], k
+    return None, j
+
+
+def all_boxed(text: str) -> list[str]:
+    """Contents of every \\boxed{...} / \\fbox{...} in text, in order, stripped (a box inside a box is part of
+    the outer one's content; a box whose whole content is another box is unwrapped). Linear time."""
+    out, i = [], 0
+    first = _BOX_RE.search(text)
+    if first is None:
+        return out
+    pairs = _brace_pairs(text, first.start())  # braces before the first box cannot pair with a box's brace
+    for m in _BOX_RE.finditer(text, first.start()):
+        if m.start() < i:  # inside a box already read
+            continue
+        content, i = _box_at(text, m.start(), m.group(), pairs)
+        if content is None:
+            continue
+        content = _unwrap(content.strip())
+        if content:
+            out.append(content)
+    return out
+
+
+def _unwrap(content: str) -> str:
+    """`\\boxed{\\boxed{7}}` -> `7`: a box whose whole content is one box."""
+    while content.startswith(_BOX_CMDS):
+        cmd = next(c for c in _BOX_CMDS if content.startswith(c))
+        inner, end = _box_at(content, 0, cmd, _brace_pairs(content))
+        if inner is None or end != len(content):
+            break
+        content = inner.strip()
+    return content
+
+
+def final_answers(completion: str) -> tuple[str, ...]:
+    """Every distinct non-empty boxed answer after the last </think>, in order of first appearance; () if none."""
+    seen: dict[str, None] = {}
+    for a in all_boxed(answer_region(completion)):
+        seen.setdefault(a, None)
+    return tuple(seen)

@@ -2,7 +2,8 @@
 
 All follow the plugin contract `fn(completion, sample) -> float`:
   accuracy  1.0 if the final boxed answer is right (math grader; countdown rows are checked by evaluating the
-            expression), else 0.0
+            expression), 0.0 if it is wrong; an item the grader could not judge (timeout, dead worker, gold
+            answer that does not parse) raises `GradingFailed` (a `RewardFailed`): it is failed, not 0
   format    1.0 for `<think>...</think>` followed by a boxed answer (R1's format reward), else 0.0
   overlong  DAPO's soft overlong penalty: 0 up to `max_tokens - buffer`, then linearly down to -1 at
             `max_tokens` (lengths in tokens when the sample carries `completion_tokens`, else characters/4)
@@ -29,7 +30,9 @@ def accuracy(completion: str, sample: Mapping[str, Any]) -> float:
         return float(check_completion(completion, sample))
     from rewards.math import verify
 
-    return 1.0 if verify(completion, sample["answer"]) else 0.0
+    if "answer" not in sample:
+        raise KeyError(f"accuracy reward: the sample has no 'answer' field (fields: {sorted(sample)})")
+    return 1.0 if verify(completion, sample["answer"]) else 0.0  # raises GradingFailed for a failed item
 
 
 @register("format", trusted=True)

@@ -1,8 +1,11 @@
 """Reward plugin registry.
 
 Contract: `fn(completion: str, sample: Mapping[str, Any]) -> float`, where `sample` is the dataset row
-(`problem`, `answer`, task-specific fields). A batch form `fn(completions, samples) -> list[float]` may be
-registered with `batched=True`.
+(`problem`, `answer`, task-specific fields). A batch form `fn(completions, samples) -> list` may be
+registered with `batched=True` (or, for `module:function` plugins, by setting `fn.r1lab_batched = True`).
+An item whose reward cannot be computed is *failed*, not 0 (`rewards.outcome`): a per-item function raises
+(`RewardFailed` says so on purpose); a batched one returns `Failed(reason)` for that item, and may return a
+`ScoredBatch(values, metrics)` whose metrics the scorer logs as `reward/<name>/<key>`.
 
 Configs name a plugin by registry name (`accuracy`) or as `module:function` (`my_pkg.rewards:brevity`).
 Installed packages register through the entry-point group `r1lab.rewards`:

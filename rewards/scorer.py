@@ -2,15 +2,30 @@
 
 Combines weighted reward functions (registry names or `module:function`) over a batch. Builtin rewards are
 linear-time Python and run in-process; the math grader's slow tier and every user plugin run in the hard-
-timeout process pool (`rewards.pool`), so a plugin that hangs or crashes costs at most its timeout: that
-item's reward is 0, and the failure is counted (`reward/timeouts`, `reward/errors`) and one example logged.
-Grader verdicts are cached by (extracted answer, gold), which is what the verdict depends on, so repeated
-samples of a group are graded once.
+timeout process pool (`rewards.pool`), so a plugin that hangs or crashes costs at most its timeout.
+
+Three outcomes per item and function (`rewards.outcome`): a value, or *failed*: the function raised or timed
+out, returned `Failed(reason)`, a non-number or a non-finite number, or the grader could not judge the item
+(timeout, dead worker, gold answer that does not parse). A failed item is never scored as 0:
+  - `components[name][i]` is NaN and `failed_by_fn[name][i]` is True where `name` failed on item i;
+  - `failed[i]` is True when a function with a non-zero weight failed on item i, and then `rewards[i]` is NaN:
+    the GRPO driver masks such items out of group statistics and the loss, evaluation reports them apart.
+    A weight-0 function (logged, not trained on) never makes an item failed; its failures are only counted.
+Metrics (function names with ':' written as '.'): reward/failed_frac, reward/<fn>/failed_frac,
+reward/timeouts and reward/errors (failed function-items by kind), reward/latency_ms, reward/cache_hits,
+reward/slow_path, reward/total_mean and reward/<fn>_mean over the items that did not fail (NaN when none did),
+and reward/<fn>/<key> for the metrics of a batched function's `ScoredBatch` (e.g. the code reward's
+weak_frac). One failure message per batch is logged and returned as `error_example`. A pool that cannot run
+at all raises `rewards.pool.GraderUnavailable`: nothing is scored then.
+
+Grader verdicts are cached by (boxed answers, gold), which is what the verdict depends on, so repeated samples
+of a group are graded once; a failed verdict is never cached.
 """
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -18,28 +33,49 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rewards.countdown import check_completion
-from rewards.extract import extract_answer
-from rewards.math import fast_verdict, grade_answer, grader_pool
-from rewards.pool import OK, TIMEOUT, HardTimeoutPool
+from rewards.extract import final_answers
+from rewards.math import Verdict, grader_pool, judge, judge_bounded
+from rewards.outcome import RewardFailed, is_failed
+from rewards.pool import ERROR, OK, TIMEOUT, GraderUnavailable, HardTimeoutPool
 from rewards.registry import RewardFn, get
 
 log = logging.getLogger(__name__)
+NAN = float("nan")
 
 
 @dataclass
 class ScoreResult:
-    rewards: list[float]                                  # weighted sum per completion
-    components: dict[str, list[float]]                    # each reward's raw values
+    rewards: list[float]                                  # weighted sum per completion; NaN for a failed item
+    components: dict[str, list[float]]                    # each reward's raw values; NaN where it failed
+    failed: list[bool] = field(default_factory=list)      # a function with a non-zero weight failed on the item
+    failed_by_fn: dict[str, list[bool]] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     error_example: str | None = None                      # one failure message, for the log
 
 
-def _call_plugin(fn, completion: str, sample: Mapping[str, Any]) -> float:
+@dataclass
+class _Column:
+    values: list[float]
+    failed: list[bool]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _call_plugin(fn, completion: str, sample: Mapping[str, Any]) -> Any:
     return fn(completion, sample)
 
 
-def _call_batched(fn, completions: list[str], samples: list[Mapping[str, Any]]) -> list[float]:
-    return list(fn(completions, samples))
+def _call_batched(fn, completions: list[str], samples: list[Mapping[str, Any]]) -> tuple[list, dict]:
+    out = fn(completions, samples)
+    return list(out), dict(getattr(out, "metrics", None) or {})
+
+
+def metric_name(fn_name: str) -> str:
+    return fn_name.replace(":", ".")
+
+
+def _mean(values: Sequence[float], failed: Sequence[bool]) -> float:
+    kept = [v for v, f in zip(values, failed) if not f]
+    return sum(kept) / len(kept) if kept else NAN
 
 
 class RewardScorer:
@@ -57,93 +93,125 @@ class RewardScorer:
         # share the process-wide grader pool unless a size is asked for
         self._owns_pool = num_workers is not None
         self.pool = HardTimeoutPool(num_workers) if self._owns_pool else grader_pool()
-        self._cache: OrderedDict[tuple[str, str], bool] = OrderedDict()
+        self._cache: OrderedDict[tuple[tuple[str, ...], str], bool] = OrderedDict()
+        self._cache_lock = threading.Lock()
         self.cache_size = cache_size
         self.totals = {"timeouts": 0, "errors": 0}
 
     # ------------------------------------------------------------------------------------------------ accuracy
-    def _accuracy(self, completions: list[str], samples: list[Mapping[str, Any]], stats: dict) -> list[float]:
-        out: list[float] = [0.0] * len(completions)
-        slow: dict[tuple[str, str], list[int]] = {}  # (answer, gold) -> indices: each pair graded once
+    def _accuracy(self, completions: list[str], samples: list[Mapping[str, Any]], stats: dict) -> _Column:
+        col = _Column([0.0] * len(completions), [False] * len(completions))
+        slow: dict[tuple[tuple[str, ...], str], list[int]] = {}  # (answers, gold) -> indices: each graded once
         for i, (c, s) in enumerate(zip(completions, samples)):
             if s.get("task") == "countdown":
-                out[i] = float(check_completion(c, s))
+                col.values[i] = float(check_completion(c, s))
                 continue
             if "answer" not in s:
                 raise KeyError(f"accuracy reward: sample {i} has no 'answer' field (fields: {sorted(s)})")
-            pred, gold = extract_answer(c), str(s["answer"])
-            if pred is None:
-                continue
-            key = (pred, gold)
-            if key in self._cache or key in slow:
+            key = (final_answers(c), str(s["answer"]))
+            cached = self._cached(key)
+            if key in slow or cached is not None:
                 stats["cache_hits"] += 1
                 if key in slow:
                     slow[key].append(i)
                 else:
-                    out[i] = float(self._cache[key])
+                    col.values[i] = float(cached)  # type: ignore[arg-type]
                 continue
-            v = fast_verdict(pred, gold)
+            v = judge(*key, slow=False)
             if v is None:
                 slow[key] = [i]
             else:
-                self._remember(key, v)
-                out[i] = float(v)
+                self._settle(key, v, [i], col, stats)
         if slow:
-            results = self.pool.map(grade_answer, list(slow), self.timeout_s, self.batch_timeout_s)
-            for (key, idx), r in zip(slow.items(), results):
-                if r.status == OK:
-                    self._remember(key, bool(r.value))
-                    for i in idx:
-                        out[i] = float(bool(r.value))
-                else:
-                    self._failure(stats, "accuracy", r.status, r.error, count=len(idx))
+            verdicts = judge_bounded(list(slow), timeout_s=self.timeout_s, deadline_s=self.batch_timeout_s,
+                                     pool=self.pool)
+            for (key, idx), v in zip(slow.items(), verdicts):
+                self._settle(key, v, idx, col, stats)
         stats["slow_path"] += len(slow)
-        return out
+        return col
 
-    def _remember(self, key: tuple[str, str], verdict: bool) -> None:
-        self._cache[key] = verdict
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+    def _settle(self, key: tuple, v: Verdict, idx: list[int], col: _Column, stats: dict) -> None:
+        if v.failed:
+            self._failure(stats, "accuracy", TIMEOUT if v.timeout else ERROR, v.reason, count=len(idx))
+            for i in idx:
+                col.values[i], col.failed[i] = NAN, True
+            return
+        with self._cache_lock:
+            self._cache[key] = v.correct
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        for i in idx:
+            col.values[i] = float(v.correct)
+
+    def _cached(self, key: tuple) -> bool | None:
+        with self._cache_lock:
+            return self._cache.get(key)
 
     # ------------------------------------------------------------------------------------------------ plugins
-    def _plugin(self, rf: RewardFn, completions: list[str], samples: list[Mapping[str, Any]], stats: dict) -> list[float]:
+    def _plugin(self, rf: RewardFn, completions: list[str], samples: list[Mapping[str, Any]], stats: dict) -> _Column:
         n = len(completions)
-        if rf.trusted:  # builtin, in-process (bounded by construction, e.g. the code reward's sandbox timeouts)
-            if rf.batched:
-                return [float(v) for v in rf.fn(completions, samples)]
-            return [float(rf.fn(c, s)) for c, s in zip(completions, samples)]
+        if rf.trusted and rf.batched:  # builtin, in-process (bounded by construction, e.g. the sandbox's timeouts)
+            try:
+                out = rf.fn(completions, samples)
+            except GraderUnavailable:
+                raise
+            except Exception as e:
+                return self._all_failed(rf.name, n, f"raised {type(e).__name__}: {e}", stats)
+            return self._batched(rf.name, list(out), dict(getattr(out, "metrics", None) or {}), n, stats)
+        if rf.trusted:
+            col = _Column([NAN] * n, [True] * n)
+            for i, (c, s) in enumerate(zip(completions, samples)):
+                try:
+                    self._put(col, i, rf.fn(c, s), rf.name, stats)
+                except GraderUnavailable:
+                    raise
+                except Exception as e:
+                    self._failure(stats, rf.name, ERROR, f"raised {type(e).__name__}: {e}")
+            return col
         if rf.batched:
             (r,) = self.pool.map(_call_batched, [(rf.fn, completions, list(samples))], self.batch_timeout_s,
                                  self.batch_timeout_s)
             if r.status != OK:
-                self._failure(stats, rf.name, r.status, r.error, count=n)
-                return [0.0] * n
-            values = r.value
-            if len(values) != n:
-                self._failure(stats, rf.name, "error", f"returned {len(values)} rewards for {n} completions", count=n)
-                return [0.0] * n
-            return [self._as_reward(v, rf.name, stats) for v in values]
+                return self._all_failed(rf.name, n, r.error, stats, r.status)
+            return self._batched(rf.name, *r.value, n, stats)
+        col = _Column([NAN] * n, [True] * n)
         results = self.pool.map(_call_plugin, [(rf.fn, c, s) for c, s in zip(completions, samples)],
                                 self.timeout_s, self.batch_timeout_s)
-        out = []
-        for r in results:
+        for i, r in enumerate(results):
             if r.status != OK:
                 self._failure(stats, rf.name, r.status, r.error)
-                out.append(0.0)
             else:
-                out.append(self._as_reward(r.value, rf.name, stats))
-        return out
+                self._put(col, i, r.value, rf.name, stats)
+        return col
 
-    def _as_reward(self, value: Any, name: str, stats: dict) -> float:
+    def _batched(self, name: str, values: list, metrics: dict, n: int, stats: dict) -> _Column:
+        """A batched function's answer: per item a number or Failed, plus its ScoredBatch metrics."""
+        if len(values) != n:
+            return self._all_failed(name, n, f"returned {len(values)} rewards for {n} completions", stats)
+        col = _Column([NAN] * n, [True] * n)
+        for i, v in enumerate(values):
+            self._put(col, i, v, name, stats)
+        col.metrics = {f"reward/{metric_name(name)}/{k}": float(v) for k, v in metrics.items()}
+        return col
+
+    def _all_failed(self, name: str, n: int, error: str | None, stats: dict, status: str = ERROR) -> _Column:
+        self._failure(stats, name, status, error, count=n)
+        return _Column([NAN] * n, [True] * n)
+
+    def _put(self, col: _Column, i: int, value: Any, name: str, stats: dict) -> None:
+        """Store one returned value; Failed, non-numbers and non-finite numbers leave the item failed."""
+        if is_failed(value):
+            self._failure(stats, name, ERROR, f"Failed: {value.reason}")
+            return
         try:
             v = float(value)
-        except (TypeError, ValueError):
-            self._failure(stats, name, "error", f"returned {value!r}, not a number")
-            return 0.0
+        except (TypeError, ValueError, RewardFailed):
+            self._failure(stats, name, ERROR, f"returned {value!r:.200}, not a number")
+            return
         if not math.isfinite(v):
-            self._failure(stats, name, "error", f"returned {v}")
-            return 0.0
-        return v
+            self._failure(stats, name, ERROR, f"returned {v}")
+            return
+        col.values[i], col.failed[i] = v, False
 
     def _failure(self, stats: dict, name: str, status: str, error: str | None, count: int = 1) -> None:
         key = "timeouts" if status == TIMEOUT else "errors"
@@ -158,28 +226,29 @@ class RewardScorer:
             raise ValueError(f"score: {len(completions)} completions but {len(samples)} samples")
         t0 = time.perf_counter()
         completions, samples = list(completions), list(samples)
+        n = len(completions)
         stats: dict[str, Any] = {"timeouts": 0, "errors": 0, "cache_hits": 0, "slow_path": 0, "example": None}
-        components = {}
-        for rf in self.fns:
-            if rf.name == "accuracy":
-                components[rf.name] = self._accuracy(completions, samples, stats)
-            else:
-                components[rf.name] = self._plugin(rf, completions, samples, stats)
-        total = [sum(w * components[rf.name][i] for rf, w in zip(self.fns, self.weights))
-                 for i in range(len(completions))]
-        n = max(1, len(completions))
+        cols = {rf.name: (self._accuracy(completions, samples, stats) if rf.name == "accuracy"
+                          else self._plugin(rf, completions, samples, stats)) for rf in self.fns}
+        weighted = [(cols[rf.name], w) for rf, w in zip(self.fns, self.weights) if w != 0.0]
+        failed = [any(col.failed[i] for col, _ in weighted) for i in range(n)]
+        total = [NAN if failed[i] else sum(w * col.values[i] for col, w in weighted) for i in range(n)]
         metrics = {
+            "reward/failed_frac": sum(failed) / max(1, n),
             "reward/timeouts": float(stats["timeouts"]), "reward/errors": float(stats["errors"]),
             "reward/latency_ms": 1000 * (time.perf_counter() - t0),
             "reward/cache_hits": float(stats["cache_hits"]), "reward/slow_path": float(stats["slow_path"]),
-            "reward/total_mean": sum(total) / n,
+            "reward/total_mean": _mean(total, failed),
         }
-        for name, values in components.items():
-            metrics[f"reward/{name.replace(':', '.')}_mean"] = sum(values) / n
+        for name, col in cols.items():
+            metrics.update(col.metrics)  # a function's own metrics first: the scorer's counts below win a clash
+            metrics[f"reward/{metric_name(name)}_mean"] = _mean(col.values, col.failed)
+            metrics[f"reward/{metric_name(name)}/failed_frac"] = sum(col.failed) / max(1, n)
         if stats["example"]:
-            log.warning("reward failures in this batch (timeouts=%d, errors=%d); example: %s",
-                        stats["timeouts"], stats["errors"], stats["example"])
-        return ScoreResult(total, components, metrics, stats["example"])
+            log.warning("reward failures in this batch (failed items=%d of %d, timeouts=%d, errors=%d); example: %s",
+                        sum(failed), n, stats["timeouts"], stats["errors"], stats["example"])
+        return ScoreResult(total, {k: c.values for k, c in cols.items()}, failed,
+                           {k: c.failed for k, c in cols.items()}, metrics, stats["example"])
 
     def close(self) -> None:
         if self._owns_pool:

@@ -95,7 +95,9 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = prefix.rstrip(".") or cls.__name__
-        raise ConfigError(f"unknown key '{prefix}{unknown[0]}' in {where}; allowed: {sorted(fields)}")
+        hint = getattr(cls, "KEY_HINTS", {}).get(unknown[0])
+        raise ConfigError(f"unknown key '{prefix}{unknown[0]}' in {where}; allowed: {sorted(fields)}"
+                          + (f" ({hint})" if hint else ""))
     kwargs = {}
     for name, value in data.items():
         tp, key = hints[name], f"{prefix}{name}"
@@ -225,18 +227,31 @@ class StageRef:
 @dataclasses.dataclass
 class ModelConfig:
     """The policy / student model."""
+    KEY_HINTS: typing.ClassVar[dict[str, str]] = {
+        k: "this stage has no LoRA keys under model; SFT uses the lora section (lora.enabled=true, lora.r, "
+           "lora.alpha, lora.target_modules)" for k in ("lora_r", "lora_alpha", "lora_targets")}
     path: str = opt("tiny:qwen2", "HF model path or hub id (e.g. Qwen/Qwen2.5-Math-1.5B); 'tiny:qwen2' or "
                     "'tiny:llama' builds a tiny model locally")
-    dtype: str = opt("float32", "parameter dtype for training", choices=["float32", "bfloat16"])
+    dtype: str = opt("float32", "compute dtype: forward/backward run in it, the rollout engine and HF exports use "
+                     "it; master weights and optimizer state stay fp32 (mixed precision)",
+                     choices=["float32", "bfloat16"])
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     trust_remote_code: bool = opt(False, "allow model code from the hub (only for models you trust)")
-    lora_r: int = opt(0, "GRPO: train LoRA adapters of this rank (0 = full fine-tune); vLLM gets merged weights")
+
+    def validate(self) -> None:
+        require(bool(self.path), "model.path", "must be set (an HF path, a hub id or tiny:qwen2)")
+
+
+@dataclasses.dataclass
+class PolicyModelConfig(ModelConfig):
+    """The policy model of RL stages (full fine-tune or LoRA)."""
+    lora_r: int = opt(0, "train LoRA adapters of this rank (0 = full fine-tune); vLLM gets merged weights")
     lora_alpha: int = opt(32, "LoRA alpha")
     lora_targets: list = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                              "modules that get LoRA adapters")
 
     def validate(self) -> None:
-        require(bool(self.path), "model.path", "must be set (an HF path, a hub id or tiny:qwen2)")
+        super().validate()
         require(self.lora_r >= 0, "model.lora_r", "must be >= 0")
 
 
@@ -263,28 +278,35 @@ def resolve_model_path(path: str) -> str:
     """'tiny:<arch>[:key=value,...]' builds (or reuses from cache) a tiny model; anything else passes through.
 
     The optional part overrides `rl.tiny.TinyModelSpec` fields, e.g. a smaller student:
-    'tiny:llama:hidden_size=64,num_heads=2,num_kv_heads=1,intermediate_size=128'."""
+    'tiny:llama:hidden_size=64,num_heads=2,num_kv_heads=1,intermediate_size=128'. `shape=NAME` starts from a
+    real model's dimensions at random init (`rl.tiny.SHAPES`: qwen2.5-0.5b, qwen2.5-1.5b; with Qwen2.5's
+    151,936-token vocabulary, the local tokenizer padded with unused tokens), e.g. 'tiny:qwen2:shape=qwen2.5-0.5b'."""
     if not path.startswith("tiny:"):
         return path
     import dataclasses as dc
 
-    from rl.tiny import TinyModelSpec, build_tiny_model
+    from rl.tiny import SHAPES, TinyModelSpec, build_tiny_model
 
     _, arch, *rest = path.split(":", 2)
     fields = {f.name: f.type for f in dc.fields(TinyModelSpec)}
     kw: dict[str, Any] = {}
     for item in filter(None, (rest[0].split(",") if rest else [])):
         key, _, raw = item.partition("=")
+        if key == "shape":
+            if raw not in SHAPES:
+                raise ConfigError(f"model path {path!r}: unknown shape {raw!r}; known: {sorted(SHAPES)}")
+            kw = {**SHAPES[raw], **kw}
+            continue
         if key not in fields or key == "arch" or not raw:
             raise ConfigError(f"model path {path!r}: {item!r} is not key=value of a tiny-model field; allowed: "
-                              f"{sorted(k for k in fields if k != 'arch')}")
-        value = yaml.safe_load(raw)
-        if not isinstance(value, (int, float, bool)):
-            raise ConfigError(f"model path {path!r}: {key}={raw!r} must be a number or true/false")
+                              f"{sorted(k for k in fields if k != 'arch')} or shape=NAME")
+        value = raw if fields[key] in (str, "str") else yaml.safe_load(raw)
+        if not isinstance(value, (int, float, bool, str)):
+            raise ConfigError(f"model path {path!r}: {key}={raw!r} must be a number, true/false or a name")
         kw[key] = value
     try:
         return str(build_tiny_model(TinyModelSpec(arch=arch, **kw)))
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise ConfigError(f"model path {path!r}: {e}") from None
 
 

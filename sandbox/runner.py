@@ -3,14 +3,22 @@
 Isolation, in layers (see README "Sandbox"):
   1. bubblewrap: new user, pid, net, ipc, uts (and cgroup) namespaces; /usr and a few /etc files read-only;
      size-capped tmpfs for the working directory, /tmp and /dev/shm; nothing else of the host is visible;
-     all capabilities dropped; environment built from scratch.
+     all capabilities dropped; environment built from scratch. The server is the namespace's pid 1
+     (`--as-pid-1`): no dumpable bwrap init a program could ptrace, and signals from inside cannot kill it.
   2. an unprivileged host uid per slot when we are root (as root RLIMIT_NPROC is not enforced, and a uid per
      slot keeps one slot's fork bomb from starving another);
   3. rlimits per program (address space, CPU seconds, processes, file size, open files, no core dumps);
   4. wall-clock timeout and output caps enforced by the in-sandbox supervisor, and a host-side deadline that
      kills the whole sandbox (its pid namespace falls, so `setsid()` daemons die with it).
-Each slot is one long-lived sandbox running `sandbox/server.py`; programs are forked from its warm
-interpreter, which is how a run costs milliseconds instead of a cold bwrap + Python start.
+Each slot is one long-lived sandbox running `sandbox/server.py`; programs are forked from a warm, clean
+interpreter inside it (the slot's zygote, see sandbox/code_spawn.py), which is how a run costs milliseconds
+instead of a cold bwrap + Python start.
+
+Two kinds of run: `run()` (a program with stdin, its stdout/stderr and exit status back: `ExecResult`) and
+`run_tests()` (a candidate program called by a trusted test harness in another process of the same slot,
+which never lets the candidate reach the tests: `TestsResult`, see sandbox/code_harness.py). Both results
+carry `infra_error`, set only when the run failed for a reason the program did not cause (a slot that could
+not start, a setup failure before any program code ran, a broken test setup).
 
 Without bubblewrap there is only a weak mode (rlimits, own session, clean env, scratch dir; no namespaces),
 used only when explicitly asked for (`allow_weak=True` or R1LAB_SANDBOX_ALLOW_WEAK=1), with a loud warning.
@@ -40,7 +48,10 @@ log = logging.getLogger(__name__)
 STATUSES = ("ok", "error", "timeout", "memory", "output_limit", "sandbox_error")
 BASE_UID = 61000          # slots run as host uids from BASE_UID up (when we are root), one uid per slot
 UIDS_PER_PROCESS = 32     # each process takes its own block of uids, so sandboxes never share a uid
-SLOT_PROCS = 3            # bwrap, its init and the server count against the slot uid's RLIMIT_NPROC
+RESIDENT_PROCS = 4        # a slot's processes between runs: bwrap, the server (pid 1 inside), zygote, harness
+SLOT_PROCS = RESIDENT_PROCS  # they count against the slot uid's RLIMIT_NPROC besides the program's own
+# what runs inside the sandbox: the server and the modules it imports (stdlib only), bound read-only at /r1lab
+SERVER_FILES = ("server.py", "code_spawn.py", "code_harness.py", "code_codec.py")
 SERVER_SRC = Path(__file__).with_name("server.py")
 
 
@@ -51,6 +62,21 @@ class ExecResult:
     stdout: str
     stderr: str
     wall_s: float
+    infra_error: str | None = None  # the sandbox failed for a reason the program did not cause (see module doc)
+
+
+@dataclass
+class TestsResult:
+    """A `run_tests` run. status: "ok" (the harness ran every test), "timeout" (the run as a whole ran past its
+    deadline), "broken" (the harness or the server died under the program: it scores nothing), or
+    "sandbox_error" (then infra_error says why, or the program killed its supervisor)."""
+    status: str
+    passed: int
+    total: int
+    outcomes: list[str]          # per test: "pass", "timeout", "fail: <exception>", "candidate gone: <why>"
+    load_error: str | None       # the candidate's program raised while loading (what it defined stays usable)
+    wall_s: float
+    infra_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,13 +103,13 @@ def _root_entries() -> list[str]:
 def bwrap_argv(bwrap: str, python: str, server: str, limits: Limits) -> list[str]:
     size = str(limits.tmpfs_mb * 1024 * 1024)
     argv = [bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
-            "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--as-pid-1", "--cap-drop", "ALL",
             "--hostname", "sandbox", "--ro-bind", "/usr", "/usr", *_root_entries()]
     for etc in ("/etc/alternatives", "/etc/ld.so.cache", "/etc/localtime", "/etc/nsswitch.conf"):
         argv += ["--ro-bind-try", etc, etc]
     argv += ["--proc", "/proc", "--dev", "/dev",
              "--size", size, "--tmpfs", "/tmp", "--size", size, "--tmpfs", "/dev/shm",
-             "--size", size, "--tmpfs", "/work", "--ro-bind", server, "/r1lab/server.py",
+             "--size", size, "--tmpfs", "/work", "--ro-bind", os.path.dirname(server), "/r1lab",
              "--chdir", "/work", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/work",
              "--setenv", "LANG", "C.UTF-8", "--remount-ro", "/", "--", python, "-I", "-S", "/r1lab/server.py"]
     return argv
@@ -167,20 +193,36 @@ class _Slot:
         return line
 
     def request(self, req: dict, timeout: float) -> dict | None:
+        """The server's reply, or None when it died or stopped answering while the program ran (the program's
+        doing). Raises SandboxUnavailable when the slot cannot be (re)started."""
+        data = json.dumps(req).encode() + b"\n"
+        for attempt in range(2):
+            if not self._send(data):  # it died before this request reached it: not the program's doing
+                if attempt:
+                    raise SandboxUnavailable(f"sandbox slot {self.index} died twice before taking a request")
+                continue
+            line = self._read_line(timeout)
+            if line is None:
+                self.kill()
+                return None
+            reply = json.loads(line)
+            if reply.get("restart"):  # a program killed the slot's zygote: the next run gets a fresh slot
+                self.kill()
+            if not (reply.get("retry") and not attempt):  # retry: it failed before any of the program ran
+                return reply
+        return reply
+
+    def _send(self, data: bytes) -> bool:
         if self.proc is None or self.proc.poll() is not None:
             self.start()
         assert self.proc is not None and self.proc.stdin is not None
         try:
-            self.proc.stdin.write(json.dumps(req).encode() + b"\n")
+            self.proc.stdin.write(data)
             self.proc.stdin.flush()
+            return True
         except (BrokenPipeError, OSError):
             self.kill()
-            return None
-        line = self._read_line(timeout)
-        if line is None:
-            self.kill()
-            return None
-        return json.loads(line)
+            return False
 
     def kill(self) -> None:
         if self.proc is None:
@@ -233,12 +275,15 @@ class Sandbox:
         self.python = self.caps.python or "/usr/bin/python3"
         self.limits = limits or Limits()
         self.memory_mb = memory_mb
-        # the server script must be readable by the unprivileged slot uid: copy it to a world-readable place
+        # the server's files must be readable by the unprivileged slot uid: copy them to a world-readable place
         self._dir = tempfile.mkdtemp(prefix="r1lab-sandbox-")
         os.chmod(self._dir, 0o755)
-        self.server_path = os.path.join(self._dir, "server.py")
-        shutil.copyfile(SERVER_SRC, self.server_path)
-        os.chmod(self.server_path, 0o644)
+        code_dir = os.path.join(self._dir, "server")
+        os.mkdir(code_dir, 0o755)
+        for name in SERVER_FILES:
+            shutil.copyfile(SERVER_SRC.with_name(name), os.path.join(code_dir, name))
+            os.chmod(os.path.join(code_dir, name), 0o644)
+        self.server_path = os.path.join(code_dir, "server.py")
         self.launcher = _Launcher()
         n = slots or default_slots(memory_mb)
         self._free: queue.Queue[_Slot] = queue.Queue()
@@ -255,34 +300,74 @@ class Sandbox:
             os.chown(d, slot.uid, slot.uid)
         return d
 
-    def run(self, code: str, *, stdin: str = "", timeout_s: float = 10.0, memory_mb: int | None = None,
-            files: Mapping[str, str] | None = None) -> ExecResult:
+    def _limits_req(self, timeout_s: float, memory_mb: int | None) -> dict:
         if self._closed:
             raise RuntimeError("sandbox is closed")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        req = {"code": code, "stdin": stdin, "timeout_s": timeout_s, "memory_mb": memory_mb or self.memory_mb,
-               "files": dict(files or {}), "max_output": self.limits.max_output_bytes,
-               "nproc": self.limits.max_procs + SLOT_PROCS if self.caps.is_root else 0,
-               "fsize_mb": self.limits.max_file_mb, "nofile": self.limits.max_open_files}
+        return {"timeout_s": timeout_s, "memory_mb": memory_mb or self.memory_mb,
+                "max_output": self.limits.max_output_bytes,
+                "nproc": self.limits.max_procs + SLOT_PROCS if self.caps.is_root else 0,
+                "fsize_mb": self.limits.max_file_mb, "nofile": self.limits.max_open_files}
+
+    def _request(self, req: dict, timeout_s: float) -> tuple[dict | None, str | None]:
+        """(the server's reply or None if the program killed its supervisor, infra error of a slot start)."""
         slot = self._free.get()
-        t0 = time.monotonic()
         try:
-            res = slot.request(req, timeout=timeout_s + 10.0)
+            return slot.request(req, timeout=timeout_s + 10.0), None
         except SandboxUnavailable as e:
-            res = {"status": "sandbox_error", "returncode": None, "stdout": "", "stderr": str(e)}
+            return None, str(e)
         finally:
             self._free.put(slot)
+
+    def run(self, code: str, *, stdin: str = "", timeout_s: float = 10.0, memory_mb: int | None = None,
+            files: Mapping[str, str] | None = None) -> ExecResult:
+        req = {"code": code, "stdin": stdin, "files": dict(files or {}), **self._limits_req(timeout_s, memory_mb)}
+        t0 = time.monotonic()
+        res, infra = self._request(req, timeout_s)
+        if infra is not None:
+            return ExecResult("sandbox_error", None, "", infra, time.monotonic() - t0, infra)
         if res is None:
             return ExecResult("sandbox_error", None, "", "sandbox supervisor died or stopped answering "
                               "(the program may have killed it); the slot was restarted", time.monotonic() - t0)
         return ExecResult(res["status"], res.get("returncode"), res.get("stdout", ""), res.get("stderr", ""),
-                          float(res.get("wall_s", time.monotonic() - t0)))
+                          float(res.get("wall_s", time.monotonic() - t0)),
+                          (res.get("stderr") or "sandbox error") if res.get("infra") else None)
+
+    def run_tests(self, code: str, *, tests: Sequence[str], bind: Mapping[str, str], setup: str = "",
+                  modules: Sequence[str] = (), per_test_s: float = 5.0, timeout_s: float | None = None,
+                  memory_mb: int | None = None) -> TestsResult:
+        """Run `tests` (Python statements, each one test) in a trusted harness in which each name of `bind`
+        calls the candidate program's function of the mapped name (in another process, returning plain data);
+        `setup` (trusted code: imports, helper functions, HumanEval's check) runs first, `modules` are imported
+        under their names. The candidate's code never shares a process with the tests."""
+        tests = list(tests)
+        if timeout_s is None:
+            timeout_s = per_test_s * (len(tests) + 1) + 5.0
+        harness = {"setup": setup, "tests": tests, "bind": dict(bind), "modules": list(modules),
+                   "per_test_s": float(per_test_s)}
+        req = {"kind": "tests", "code": code, "harness": harness, **self._limits_req(timeout_s, memory_mb)}
+        t0 = time.monotonic()
+        res, infra = self._request(req, timeout_s)
+        if infra is not None or res is None:
+            return TestsResult("sandbox_error", 0, len(tests), [], None, time.monotonic() - t0, infra)
+        if res.get("infra"):
+            return TestsResult("sandbox_error", 0, len(tests), [], None, float(res.get("wall_s", 0.0)),
+                               res.get("stderr") or "sandbox error")
+        return TestsResult(res["status"], int(res["passed"]), int(res["total"]), list(res["outcomes"]),
+                           res.get("load_error"), float(res["wall_s"]))
 
     def run_many(self, programs: Sequence[Mapping], max_workers: int | None = None) -> list[ExecResult]:
         """Run many programs concurrently: each item holds `run`'s keyword arguments (`code`, `stdin`, ...)."""
         with ThreadPoolExecutor(max_workers or self.num_slots) as ex:
             return list(ex.map(lambda p: self.run(**p), programs))
+
+    def run_jobs(self, jobs: Sequence[Mapping], max_workers: int | None = None) -> list[ExecResult | TestsResult]:
+        """Run `run` jobs and `run_tests` jobs (those with a `tests` key) concurrently, results in order."""
+        def one(job: Mapping):
+            return self.run_tests(**job) if "tests" in job else self.run(**job)
+        with ThreadPoolExecutor(max_workers or self.num_slots) as ex:
+            return list(ex.map(one, jobs))
 
     def close(self) -> None:
         self._closed = True

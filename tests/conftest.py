@@ -33,7 +33,7 @@ def vllm_engine(tiny):
     """
     from rl.rollout.vllm_engine import make_llm, shutdown
 
-    llm = make_llm(str(tiny.qwen2), max_model_len=1024)
+    llm = make_llm(str(tiny.qwen2), max_model_len=1024, enforce_eager=True, kv_cache_gb=0.25)
     yield llm
     shutdown(llm)
 

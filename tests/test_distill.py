@@ -25,16 +25,19 @@ def test_select_traces_applies_every_rule_in_order():
              _cand(1, "y", tokens=50),                    # above the length cap of 20
              _cand(1, "z"),                               # wrong answer
              _cand(1, "w"),                               # badly formatted
-             _cand(2, "a  b")]                            # same text as prompt 0's, but another prompt: kept
-    scores = {"accuracy": [1, 1, 1, 1, 1, 1, 0, 1, 1], "format": [1, 1, 1, 1, 1, 1, 1, 0.5, 1]}
+             _cand(2, "a  b"),                            # same text as prompt 0's, but another prompt: kept
+             _cand(2, "v")]                               # the grader failed (NaN): not verified, never kept
+    scores = {"accuracy": [1, 1, 1, 1, 1, 1, 0, 1, 1, float("nan")], "format": [1, 1, 1, 1, 1, 1, 1, 0.5, 1, 1]}
     f = FilterSection(rewards=["accuracy", "format"], min_scores=[1.0, 1.0], dedup=True, max_per_prompt=2)
     kept, reasons, stats = select_traces(cands, scores, f, length_cap=20)
     assert reasons == [None, "duplicate", None, "over_quota", "truncated", "too_long", "low_reward", "low_reward",
-                       None]
+                       None, "score_failed"]
     assert kept == [0, 2, 8]
-    assert stats["kept"] == 3 and stats["candidates"] == 9
-    assert stats["acceptance_rate"] == pytest.approx(3 / 9)
-    assert stats["rejected"] == {"truncated": 1, "too_long": 1, "low_reward": 2, "duplicate": 1, "over_quota": 1}
+    assert stats["kept"] == 3 and stats["candidates"] == 10
+    assert stats["acceptance_rate"] == pytest.approx(3 / 10)
+    assert stats["rejected"] == {"truncated": 1, "too_long": 1, "score_failed": 1, "low_reward": 2, "duplicate": 1,
+                                 "over_quota": 1}
+    assert stats["reward_means"]["accuracy"] == pytest.approx(8 / 9)
     assert stats["prompts"] == 3 and stats["prompts_with_a_kept_trace"] == 2
 
 

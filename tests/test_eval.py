@@ -8,7 +8,7 @@ import pytest
 
 from data.benchmarks import load_benchmark
 from data.loading import DataError
-from rl.eval.harness import Sampling, evaluate
+from rl.eval.harness import Sampling, evaluate, summary_table
 from rl.eval.metrics import aggregate, majority_correct, pass_at_k
 
 
@@ -55,7 +55,8 @@ def test_math500_reference_solutions(tmp_path):
     for key in ("benchmark", "num_problems", "samples_per_problem", "metrics", "sampling", "model"):
         assert key in saved
     per_sample = [json.loads(x) for x in open(tmp_path / "r.samples.jsonl")]
-    assert len(per_sample) == 500 and {"index", "answer", "correct"} <= set(per_sample[0])
+    assert len(per_sample) == 500 and {"index", "answer", "status", "correct"} <= set(per_sample[0])
+    assert saved["failed"] == 0 and {r["status"] for r in per_sample} <= {"correct", "wrong"}
 
 
 def test_gsm8k_reference_solutions(tmp_path):
@@ -96,6 +97,66 @@ def test_known_mix_gives_exact_metrics(tmp_path):
     # maj@4: p0 right (2 vs 1 vs 1); p1 "5" x3 wrong; p2 right
     assert m["maj@4"] == pytest.approx(2 / 3)
     assert m["pass@1_ci95_low"] <= m["pass@1"] <= m["pass@1_ci95_high"]
+
+
+# ------------------------------------------------------------------------------------------- failed samples
+def test_golds_that_do_not_parse_are_failed_not_wrong(tmp_path):
+    bench = write_jsonl(tmp_path / "bench.jsonl", [{"problem": "p0", "answer": "2, 3"},
+                                                   {"problem": "p1", "answer": "\\frac{"},
+                                                   {"problem": "p2", "answer": "\\sqrt{"}])
+    plan = {0: ["\\boxed{3} and \\boxed{2}", "\\boxed{3}"], 1: ["\\boxed{1/2}", "\\boxed{x^2}"],
+            2: ["\\boxed{2}", "no answer"]}
+    rows = [{"index": i, "completion": f"<think>x</think>{c}"} for i, cs in plan.items() for c in cs]
+    res = evaluate(bench, completions_file=write_jsonl(tmp_path / "c.jsonl", rows), output=tmp_path / "r.json",
+                   quiet=True)
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["failed"] == res["failed"] == 3 and saved["num_samples"] == 6
+    assert res["metrics"]["failed_frac"] == pytest.approx(3 / 6)
+    assert res["metrics"]["pass@1"] == pytest.approx((1 / 2 + 0 + 0) / 3)  # failed counts as not correct
+    assert res["grader"]["failed"] == 3
+    assert [(e["index"], e["sample"]) for e in res["failed_examples"]] == [(1, 0), (1, 1), (2, 0)]
+    per = [json.loads(x) for x in open(tmp_path / "r.samples.jsonl")]
+    assert [r["status"] for r in per] == ["correct", "wrong", "failed", "failed", "failed", "wrong"]
+    assert [r["correct"] for r in per] == [True, False, False, False, False, False]
+    assert all("does not parse" in r["reason"] for r in per if r["status"] == "failed")
+    assert all("reason" not in r for r in per if r["status"] != "failed")
+    assert per[0]["answer"] == "3, 2"
+    table = summary_table(res)
+    assert "failed            3   of 6 samples" in table and "WARNING: 3 samples could not be graded" in table
+
+
+def test_no_failed_samples_no_warning(tmp_path):
+    f = write_jsonl(tmp_path / "c.jsonl", [{"index": 0, "completion": "\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}"}])
+    res = evaluate("math500", completions_file=f, limit=1, quiet=True)
+    assert res["failed"] == 0 and res["metrics"]["failed_frac"] == 0.0
+    assert "WARNING" not in summary_table(res) and "failed            0   of 1 samples" in summary_table(res)
+
+
+def test_code_samples_the_sandbox_could_not_run_are_failed(monkeypatch):
+    import rewards.code
+    from data.benchmarks import Benchmark
+    from rewards.outcome import Failed, ScoredBatch
+    from rl.eval.harness import grade, summarize
+
+    def fake_batch(comps, samples, all_or_nothing):
+        assert all_or_nothing
+        return ScoredBatch([Failed("sandbox unavailable: no bubblewrap"), 1.0, 0.0], {"weak_frac": 0.0})
+
+    monkeypatch.setattr(rewards.code, "code_reward_batch", fake_batch)
+    spec = Benchmark("fake_code", "code", 1)
+    problems = [{"index": i, "problem": f"p{i}"} for i in range(3)]
+    records = grade(spec, problems, {0: ["```python\nx=1\n```"], 1: ["b"], 2: ["c"]})
+    assert [r["status"] for r in records] == ["failed", "correct", "wrong"]
+    assert records[0]["reason"] == "sandbox unavailable: no bubblewrap" and records[0]["answer"] == "x=1\n"
+    metrics, _ = summarize(spec, problems, records)
+    assert metrics["pass@1"] == pytest.approx(1 / 3) and metrics["failed_frac"] == pytest.approx(1 / 3)
+
+
+def test_aggregate_rejects_failed_samples_counted_correct():
+    m = aggregate([[True, False], [False, False]], failed=[[False, True], [False, False]])
+    assert m["pass@1"] == 0.25 and m["failed_frac"] == 0.25
+    with pytest.raises(ValueError, match="problem 0: failed samples must be counted as not correct"):
+        aggregate([[True]], failed=[[True]])
 
 
 def test_aggregate_handles_single_sample():

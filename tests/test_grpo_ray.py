@@ -46,8 +46,10 @@ def test_grpo_learns_syncs_and_exports(weak_sft, tmp_path, vllm_engine):
     assert last > first + 0.1, reward                                     # learning happened
     assert all(r["rollout/logprob_diff"] < 1e-3 for r in rows)            # engine runs the trainer's weights
     assert [r["step"] for r in rows if r.get("sync/checksum_ok") == 1.0] == [1, 4, 8, 12, 16, 20, 24]
-    assert all(r["reward/errors"] > 0 for r in rows)                      # the raising plugin is counted...
-    assert all(r["reward/format_mean"] >= 0 for r in rows)                # ...and training went on
+    # the raising plugin (weight 0: logged, not trained on) fails on every item: counted, no item excluded
+    assert all(r["reward/errors"] > 0 and r["reward/plugins_for_tests.raises/failed_frac"] == 1.0 for r in rows)
+    assert all(r["rollout/scored_frac"] == 1.0 for r in rows)
+    assert all(r["perf/padding_frac"] < 0.5 for r in rows)
     # checkpoints are atomic and complete; the final export loads in transformers and vLLM
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step_000024"
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
@@ -84,7 +86,7 @@ def test_dead_worker_stops_with_clear_error_and_intact_checkpoint(tmp_path):
             d.train_step()
     finally:
         d.close()
-    assert (ckpt / "DONE").exists() and (ckpt / "trainer.pt").exists()
+    assert (ckpt / "DONE").exists() and len(list((ckpt / "dcp").glob("*.distcp"))) == 2   # sharded: one per rank
     AutoModelForCausalLM.from_pretrained(ckpt / "hf")
 
 
@@ -112,30 +114,59 @@ def _run(cmd, env, out, kill_after_lines=None, timeout=600):
     return p.returncode, ""
 
 
-def test_kill_and_resume_continues_exactly(tmp_path):
-    out = tmp_path / "run"
-    # kl_coef > 0 also exercises the frozen reference model (and its absence from checkpoints)
+def test_kill_and_resume_continues_exactly_across_trainer_counts(tmp_path):
+    """Killed mid-run, resumed with 1 trainer worker instead of 2, then continued with 2 again: sharded
+    checkpoints reshard, step numbering and the data cursor continue exactly, and the killed run's sync
+    directory is swept by the next start."""
+    out, shm = tmp_path / "run", tmp_path / "shm"
+    # kl_coef > 0 also exercises the frozen reference model (the base model, also after a resume)
     cmd = [sys.executable, "launch/grpo.py", "--config", "configs/tiny_grpo.yaml", "trainer.max_steps=8",
            "checkpoint.every=2", f"log.output_dir={out}", "log.progress=false", "resources.ray_address=local",
            "algo.kl_coef=0.01", "trainer.lr=0.001", "reward.functions=[plugins_for_tests:ones]",
-           "reward.weights=[1.0]"]
+           "reward.weights=[1.0]", f"sync.dir={shm}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     rc, _ = _run(cmd, env, out, kill_after_lines=5)
     assert rc == -signal.SIGKILL
+    leaked = list(shm.glob("r1lab-sync-*"))
+    assert len(leaked) == 1                     # a killed run cannot clean up after itself...
     before = read_metrics(out)
     ckpt = latest_checkpoint(out / "checkpoints")
     assert ckpt is not None and len(before) >= 5
     done_step = int(ckpt.name.split("_")[1])
-    assert done_step < len(before) or done_step == len(before)
-    rc, log = _run(cmd, env, out)
+    rc, log = _run(cmd + ["trainer.num_workers=1"], env, out)
     assert rc == 0, log[-3000:]
     assert f"resuming from {ckpt} at step {done_step + 1}" in log
+    assert f"removed sync directories of dead runs: ['{leaked[0]}']" in log   # ...the next start sweeps it
+    assert not list(shm.glob("r1lab-sync-*"))   # and a run that ends removes its own
+    rc, log = _run(cmd + ["trainer.max_steps=10"], env, out)                  # 1 -> 2 trainer workers
+    assert rc == 0, log[-3000:]
+    assert "resuming from" in log and "at step 9" in log
     rows = read_metrics(out)
-    assert [r["step"] for r in rows] == list(range(1, 9))  # no step repeated or skipped
-    # the data cursor advances by exactly one batch per step, across the kill
-    assert [r["data/cursor"] for r in rows] == [8.0 * s for s in range(1, 9)]
-    assert latest_checkpoint(out / "checkpoints").name == "step_000008"
-    assert rows[0]["actor/kl"] == pytest.approx(0.0, abs=1e-6) and max(r["actor/kl"] for r in rows) > 0
+    assert [r["step"] for r in rows] == list(range(1, 11))  # no step repeated or skipped
+    # the data cursor advances by exactly one batch per step, across the kill and both world-size changes
+    assert [r["data/cursor"] for r in rows] == [(8.0 * s) % 400 for s in range(1, 11)]
+    assert latest_checkpoint(out / "checkpoints").name == "step_000010"
+    assert rows[0]["actor/kl"] == pytest.approx(0.0, abs=1e-6) and rows[-1]["actor/kl"] > 0
+
+
+def test_bf16_run_checksums_and_a_failing_reward_stops_it(tmp_path):
+    """bf16 compute at lr 1e-6: the engines run the bf16 cast of the fp32 masters (checksums every step), and
+    a reward function failing on 30% of the items is excluded from training and stops the run at step 3."""
+    from rl.grpo.rewards_check import RewardFailureError
+
+    cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", [
+        "model.dtype=bfloat16", "trainer.lr=1e-6", "sync.checksum_every=1", "rollout.n=10", "trainer.max_steps=6",
+        "reward.functions=[plugins_for_tests:fails_three_in_ten, format]", "reward.weights=[1.0, 0.1]",
+        f"log.output_dir={tmp_path}", "log.progress=false", "resources.ray_address=local", "checkpoint.every=0"])
+    with pytest.raises(RewardFailureError, match=r"'plugins_for_tests.fails_three_in_ten' failed on 30% .* step 3"):
+        GRPODriver(cfg).run()
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["reward/plugins_for_tests.fails_three_in_ten/failed_frac"] == pytest.approx(0.3)
+        assert r["rollout/scored_frac"] == pytest.approx(0.7) and r["reward/failed_frac"] == pytest.approx(0.3)
+        assert r["sync/checksum_ok"] == 1.0 and r["rollout/logprob_diff"] < 0.01
+        assert "grader fell over" in r["reward/example"]
 
 
 def test_lora_grpo_syncs_merged_weights(tmp_path):

@@ -3,11 +3,12 @@ import pytest
 import torch
 
 from rl.config import ConfigError, load_config
-from rl.grpo.batching import Group, build_batch, fill_batch, shard, unshard
+from rl.grpo.batching import Group, build_batch, fill_batch, group_advantages, pad_id_of, shard, unshard
 from rl.grpo.config import GRPOConfig
 from rl.grpo.driver import fused_sums
+from rl.grpo.microbatch import micro_batches
 from rl.grpo.prompts import Cursor
-from rl.grpo.trainer_worker import lr_lambda, micro_batches
+from rl.grpo.trainer_worker import lr_lambda
 
 
 def _group(rewards, prompt=(1, 2, 3)):
@@ -81,7 +82,7 @@ def test_lr_schedules():
 
 
 def test_micro_batches_respect_token_budget():
-    groups = micro_batches([10, 10, 30, 5, 5, 5], max_tokens=40)
+    groups = micro_batches([10, 10, 30, 5, 5, 5], max_tokens=40, by_length=False)
     assert [i for g in groups for i in g] == list(range(6))
     for g in groups:
         assert max([10, 10, 30, 5, 5, 5][i] for i in g) * len(g) <= 40 or len(g) == 1
@@ -152,11 +153,13 @@ def test_overrides_replace_dict_fields_merge_sections_and_read_exponents():
         load_config(GRPOConfig, None, ["trainer.lr=fast"])
 
 
-def test_merge_lora_state_matches_peft(tiny):
+def test_streamed_lora_weights_are_merged_like_peft(tiny):
+    """The weights sent to vLLM under LoRA are W0 + scaling * B @ A, named like the plain HF model."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from rl.grpo.hf_io import merge_lora_state
+    from rl.grpo.fsdp_model import TokenLogprobModel
+    from rl.grpo.sync import buckets, iter_full_tensors
 
     model = AutoModelForCausalLM.from_pretrained(tiny.qwen2)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
@@ -165,8 +168,106 @@ def test_merge_lora_state_matches_peft(tiny):
         for n, p in peft_model.named_parameters():
             if "lora_" in n:
                 p.normal_(0, 0.1)
-    merged = merge_lora_state(dict(peft_model.state_dict()), scaling=8 / 4)
+    wrapper = TokenLogprobModel(peft_model)
+    streamed = {}
+    for b in buckets(iter_full_tensors(wrapper, torch.float32, lora_scaling=8 / 4, tied_head=True), 64 << 10):
+        streamed.update(b)
     reference = peft_model.merge_and_unload().state_dict()
-    assert set(merged) == set(reference)
-    for k in reference:
-        assert torch.allclose(merged[k], reference[k], atol=1e-6), k
+    assert set(streamed) == set(reference) - {"lm_head.weight"}   # tied head: the engine re-ties it
+    for k in streamed:
+        assert torch.allclose(streamed[k], reference[k], atol=1e-6), k
+
+
+# ------------------------------------------------------------------------------------ seams (issue: real sizes)
+def test_pad_id_for_tokenizers_without_a_pad_token():
+    """Llama 3's tokenizer has no pad token: padding used to crash build_batch (torch.full with None)."""
+    class Tok:
+        pad_token_id, eos_token_id = None, 128001
+    assert pad_id_of(Tok()) == 128001
+    Tok.eos_token_id = [128001, 128009]
+    assert pad_id_of(Tok()) == 128001
+    b = build_batch([_group([1.0, 0.0])], torch.tensor([1.0, -1.0]), pad_id_of(Tok()), False)
+    assert b["input_ids"].dtype == torch.long
+
+
+def test_failed_rewards_are_left_out_of_group_statistics_and_the_loss():
+    g = _group([1.0, 0.0, float("nan"), 1.0])
+    g.failed = [False, False, True, False]
+    adv, m = group_advantages("grpo", [g, _group([0.0, 1.0])])
+    # the 3 scored samples: mean 2/3, sample std 0.577 -> (1 - 2/3) / 0.577 = 0.577, (0 - 2/3) / 0.577 = -1.155
+    assert adv.tolist() == pytest.approx([0.57735, -1.1547, 0.0, 0.57735, -0.70711, 0.70711], abs=1e-4)
+    assert m["rollout/scored_frac"] == pytest.approx(5 / 6) and m["rollout/reward_mean"] == pytest.approx(3 / 5)
+    b = build_batch([g], adv, 0, False)
+    assert b["response_mask"][2].sum() == 0 and b["response_mask"][[0, 1, 3]].sum() == 6
+    uniform = _group([1.0, float("nan")])
+    uniform.failed = [False, True]
+    assert uniform.uniform   # one scored sample: no GRPO signal, dynamic sampling drops it
+
+
+def test_a_step_whose_dynamic_sampling_keeps_nothing_is_skipped_not_a_crash(monkeypatch, tmp_path):
+    from rl.grpo.driver import GRPODriver
+
+    cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", [f"log.output_dir={tmp_path}", "rollout.dynamic_sampling=true"])
+    d = GRPODriver(cfg)
+    monkeypatch.setattr(d, "_next_groups", lambda: ([], {"rollout/gen_rounds": 4, "rollout/groups_kept": 0}))
+    m = d.train_step()   # no trainer exists: reaching them would fail
+    assert m["train/skipped"] == 1.0 and m["rollout/groups_kept"] == 0
+
+
+def test_validation_uses_the_training_template_and_think_forcing():
+    from rl.grpo.driver import validation_sampling
+
+    cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", ["data.template=r1_zero", "data.force_think=true",
+                                                             "log.val_samples=3", "rollout.max_new_tokens=40"])
+    s = validation_sampling(cfg)
+    assert (s.template, s.force_think, s.n, s.max_tokens, s.top_p) == ("r1_zero", True, 3, 40, 1.0)
+
+
+def test_validation_without_held_out_problems_is_a_config_error(tmp_path):
+    rows = tmp_path / "train.jsonl"
+    rows.write_text('{"problem": "1+1?", "answer": "2"}\n')
+    with pytest.raises(ConfigError, match=r"log.val_every: validation needs held-out problems.*log.val_benchmark"):
+        load_config(GRPOConfig, "configs/tiny_grpo.yaml", [f"data.source={rows}", "log.val_every=5"])
+    load_config(GRPOConfig, "configs/tiny_grpo.yaml", [f"data.source={rows}", "log.val_every=5",
+                                                       "log.val_benchmark=math500"])
+
+
+def test_sync_method_is_a_real_choice():
+    with pytest.raises(ConfigError, match=r"sync.method: 'nccl' is not allowed; allowed values: \['file'\]"):
+        load_config(GRPOConfig, "configs/tiny_grpo.yaml", ["sync.method=nccl"])
+
+
+def test_sft_template_is_used_and_lora_keys_are_not_silently_accepted():
+    from rl.sft.config import SFTStageConfig
+    from rl.sft.train import sft_row
+
+    with pytest.raises(ConfigError, match=r"unknown key 'model.lora_r'.*lora.enabled=true"):
+        load_config(SFTStageConfig, "configs/tiny_sft.yaml", ["model.lora_r=8"])
+    row = sft_row("What is 1+1?", "<think>\n1+1=2\n</think>\n\\boxed{2}", "r1_zero")
+    assert row["prompt"].startswith("A conversation between User and Assistant") and "1+1" in row["prompt"]
+    assert isinstance(row["completion"], str)
+    chat = sft_row("What is 1+1?", "x", "chat")
+    assert chat["prompt"][0]["role"] == "user" and chat["completion"][0]["role"] == "assistant"
+
+
+def test_tiny_model_paths_take_real_shapes():
+    from rl.config import resolve_model_path
+
+    with pytest.raises(ConfigError, match=r"unknown shape 'gpt5'; known: \['qwen2.5-0.5b', 'qwen2.5-1.5b'\]"):
+        resolve_model_path("tiny:qwen2:shape=gpt5")
+    from rl.tiny import SHAPES
+
+    assert SHAPES["qwen2.5-0.5b"]["vocab_size"] == 151936 and SHAPES["qwen2.5-0.5b"]["num_layers"] == 24
+
+
+def test_padded_tokenizer_keeps_encoding_and_decodes_every_id(tiny):
+    from transformers import AutoTokenizer
+
+    from rl.tiny import padded_tokenizer
+
+    base = AutoTokenizer.from_pretrained(tiny.tokenizer)
+    padded = AutoTokenizer.from_pretrained(padded_tokenizer(tiny.tokenizer, 4096))
+    text = "<think>\nWhat is 12+34?\n</think>\n\\boxed{46}<|im_end|>"
+    assert len(padded) == 4096 and padded(text).input_ids == base(text).input_ids
+    assert padded.decode([4095]) == "<|r1lab_unused_4095|>" and padded.convert_tokens_to_ids("</think>") == \
+        base.convert_tokens_to_ids("</think>")

@@ -1,10 +1,22 @@
-"""The math grader: a table of equivalent and non-equivalent pairs covering every answer form we accept."""
+"""The math grader: a table of equivalent and non-equivalent pairs covering every answer form we accept, several
+boxed answers, and the third outcome (failed: unparsable gold, timeout)."""
 import json
+import time
 
 import pytest
 
-from rewards.extract import extract_answer, last_boxed
-from rewards.math import GRADER_STATS, verify, verify_batch
+from rewards.extract import extract_answer, final_answers, last_boxed
+from rewards.math import (
+    CORRECT,
+    FAILED,
+    GRADER_STATS,
+    WRONG,
+    GradingFailed,
+    grade,
+    grade_batch,
+    verify,
+    verify_batch,
+)
 
 B = "\\boxed{{{}}}"
 
@@ -93,6 +105,50 @@ TABLE = [
     # algebra
     ("x^2+2x+1", "(x+1)^2", True, "polynomial expanded"),
     ("x^2+1", "(x+1)^2", False, "polynomial wrong"),
+    # several parts: a list of solutions is unordered, a tuple inside it is not
+    ("3, 2", "2, 3", True, "solution list reordered"),
+    ("2 \\text{ and } 3", "2, 3", True, "solutions joined by and"),
+    ("x = 2 \\text{ or } x = 3", "2, 3", True, "solutions as equations with or"),
+    ("x=2, x=3", "2, 3", True, "solutions as equations with commas"),
+    ("x = 3 or x = 2", "2, 3", True, "solutions with bare or, reordered"),
+    ("\\{3, 2\\}", "2, 3", True, "set vs solution list"),
+    ("\\frac{1}{2}, -3", "-3, 0.5", True, "solution list with a fraction"),
+    ("(6,2),(2,2)", "(2,2),(6,2)", True, "list of pairs reordered"),
+    ("(2,2),(6,2)", "\\{(2,2),(6,2)\\}", True, "list of pairs vs set of pairs"),
+    ("y = 3, x = 2", "x = 2, y = 3", True, "named values reordered"),
+    ("(2,6),(2,2)", "(2,2),(6,2)", False, "pair reversed inside a list"),
+    ("2", "2, 3", False, "one solution of two"),
+    ("2, 3, 4", "2, 3", False, "extra solution"),
+    ("2, 3", "2", False, "list for a single answer"),
+    ("2 \\text{ or } 3", "3", False, "hedged single answer"),
+    ("x = 2 \\text{ or } x = 4", "2, 3", False, "one wrong solution"),
+    ("x = 3, y = 2", "x = 2, y = 3", False, "named values swapped"),
+    ("2, 2", "2, 3", False, "repeated solution"),
+    ("1,000", "1, 0", False, "thousands separator is not a list"),
+    # percent words
+    ("28 percent", "28", True, "percent word"),
+    ("28 per cent", "28\\%", True, "per cent words vs percent sign"),
+    ("28 pct", "28", True, "pct"),
+    ("28\\text{ percent}", "28\\%", True, "text percent"),
+    ("28\\%", "28 percent", True, "percent word in gold"),
+    ("29 percent", "28", False, "wrong percent"),
+    ("28 percent", "0.29", False, "percent vs other decimal"),
+]
+
+# (completion's answer text after </think>, gold, expected verdict, form): several boxes
+MULTI_BOX = [
+    ("\\boxed{2} and \\boxed{3}", "2, 3", True, "two boxes for two solutions"),
+    ("\\boxed{3} and \\boxed{2}", "2, 3", True, "two boxes reordered"),
+    ("\\boxed{x = 2} or \\boxed{x = 3}", "2, 3", True, "two boxed equations"),
+    ("\\boxed{(2, 2)} and \\boxed{(6, 2)}", "(2,2),(6,2)", True, "two boxed pairs"),
+    ("\\boxed{(2, 2)} and \\boxed{(6, 2)}", "\\{(2,2),(6,2)\\}", True, "two boxed pairs vs set"),
+    ("\\boxed{(2, 2)} and \\boxed{(2, 6)}", "(2,2),(6,2)", False, "two boxed pairs, one reversed"),
+    ("\\boxed{2} and \\boxed{3}", "2, 3, 4", False, "two boxes for three solutions"),
+    ("\\boxed{2} or maybe \\boxed{3}", "3", False, "hedge: last box right"),
+    ("\\boxed{2} or maybe \\boxed{3}", "2", False, "hedge: first box right"),
+    ("\\boxed{5}. So the answer is \\boxed{5}.", "5", True, "repeated box"),
+    ("\\boxed{15\\frac{39}{40}}, or \\boxed{\\frac{639}{40}}", "\\frac{639}{40}", True, "two forms of one answer"),
+    ("\\boxed{\\frac{1}{2}} = \\boxed{0.5}", "0.5", True, "two equal numbers"),
 ]
 
 
@@ -102,9 +158,53 @@ def test_equivalence_table(pred, gold, expected, form):
     assert verify(completion, gold) is expected
 
 
+@pytest.mark.parametrize("answer,gold,expected,form", MULTI_BOX, ids=[t[3] for t in MULTI_BOX])
+def test_several_boxes(answer, gold, expected, form):
+    completion = f"<think>\nwork \\boxed{{7}}\n</think>\n{answer}"  # boxes inside the thinking never count
+    v = grade(completion, gold)
+    assert v.status == (CORRECT if expected else WRONG), v
+
+
 def test_table_is_large_and_balanced():
     assert len(TABLE) >= 60
     assert sum(t[2] for t in TABLE) >= 30 and sum(not t[2] for t in TABLE) >= 20
+
+
+def test_batch_grading_agrees_with_single_items():
+    comps = [f"\\boxed{{{p}}}" for p, _, _, _ in TABLE] + [f"</think>{a}" for a, _, _, _ in MULTI_BOX]
+    golds = [g for _, g, _, _ in TABLE] + [g for _, g, _, _ in MULTI_BOX]
+    expected = [CORRECT if e else WRONG for _, _, e, _ in TABLE + MULTI_BOX]
+    assert [v.status for v in grade_batch(comps, golds)] == expected
+    assert verify_batch(comps, golds) == [e == CORRECT for e in expected]
+
+
+@pytest.mark.parametrize("gold", ["", "   ", "$$", "\\frac{", "???"])
+def test_gold_that_does_not_parse_is_failed_not_wrong(gold):
+    before = GRADER_STATS["failed"]
+    v = grade("<think>x</think>\\boxed{1/2}", gold)
+    assert v.status == FAILED and not v.correct and "gold answer" in v.reason, v
+    assert GRADER_STATS["failed"] == before + 1
+    with pytest.raises(GradingFailed, match="gold answer"):
+        verify("<think>x</think>\\boxed{1/2}", gold)
+    with pytest.raises(GradingFailed, match=r"1 of 2 items could not be graded \(items \[1\]\)"):
+        verify_batch(["\\boxed{1}", "\\boxed{1}"], ["1", gold])
+
+
+def test_accuracy_reward_raises_for_a_failed_item():
+    from rewards.functions import accuracy
+    from rewards.outcome import RewardFailed
+
+    assert accuracy("\\boxed{3, 2}", {"answer": "2, 3"}) == 1.0
+    assert accuracy("\\boxed{4}", {"answer": "2, 3"}) == 0.0
+    with pytest.raises(RewardFailed, match="does not parse"):
+        accuracy("\\boxed{4}", {"answer": "\\frac{"})
+
+
+def test_verdict_is_not_a_bool():
+    v = grade("\\boxed{2}", "2")
+    assert v.correct and not v.failed
+    with pytest.raises(TypeError, match="use .correct and .failed"):
+        bool(v)
 
 
 def test_extraction_rules():
@@ -116,6 +216,9 @@ def test_extraction_rules():
     assert extract_answer("first \\boxed{1} then \\boxed{2}") == "2"
     assert extract_answer("\\boxed{\\{1,2\\}}") == "\\{1,2\\}"
     assert extract_answer("unbalanced \\boxed{1") is None
+    assert final_answers("<think>\\boxed{1}</think> \\boxed{2}, \\boxed{3} and \\boxed{2}") == ("2", "3")
+    assert final_answers("\\boxed{\\boxed{7}} \\fbox{8} \\boxed 9 \\boxedx{1} \\boxed{}") == ("7", "8", "9")
+    assert final_answers("\\boxed{2} \\boxed{3") == ("2",) and final_answers("no box") == ()
 
 
 def test_missing_or_empty_box_is_wrong():
@@ -142,8 +245,15 @@ def test_math500_answers_against_each_other_are_mostly_wrong():
 
 
 def test_slow_path_is_bounded_and_counted():
-    # A gigantic power makes sympy work for a long time: it must be cut off, scored wrong and counted.
+    # A gigantic power makes sympy work for a long time: it must be cut off, reported failed (never wrong)
+    # and counted; the next item is graded as usual.
     before = GRADER_STATS["timeouts"]
     bomb = "\\boxed{(x+1)^{99999}-(x+2)^{99998}}"
-    assert verify(bomb, "(x+1)^{99999}", timeout_s=1.0) is False
+    t0 = time.perf_counter()
+    v = grade(bomb, "(x+1)^{99999}", timeout_s=1.0)
+    assert time.perf_counter() - t0 < 10
+    assert v.status == FAILED and v.timeout and "timeout" in v.reason, v
     assert GRADER_STATS["timeouts"] == before + 1
+    with pytest.raises(GradingFailed, match="timeout"):
+        verify(bomb, "(x+1)^{99999}", timeout_s=1.0)
+    assert verify("\\boxed{x^2+2x+1}", "(x+1)^2") is True

@@ -1,3 +1,4 @@
+import math
 import sys
 import textwrap
 import time
@@ -7,6 +8,7 @@ import pytest
 
 from rewards import registry
 from rewards.functions import format_reward, overlong_penalty
+from rewards.outcome import Failed, RewardFailed, ScoredBatch
 from rewards.registry import RewardPluginError, get, register
 from rewards.scorer import RewardScorer
 
@@ -32,17 +34,24 @@ def test_hanging_and_raising_plugins_do_not_stall_the_batch(scorer, caplog):
     # 16 hanging items at 1 s each on 2 workers would take 8 s; the batch deadline (4 s) bounds it
     assert wall < 4.0 + 3.0, wall
     assert res.components["accuracy"] == [1.0] * n and res.components["format"] == [1.0] * n
-    assert res.components["plugins_for_tests:hangs"] == [0.0] * n
-    assert res.components["plugins_for_tests:raises"] == [0.0] * n
+    # failed, not 0: NaN in the components and in the rewards, marked per item and per function
+    assert all(math.isnan(v) for v in res.components["plugins_for_tests:hangs"])
+    assert all(math.isnan(v) for v in res.components["plugins_for_tests:raises"])
+    assert res.failed == [True] * n and all(math.isnan(r) for r in res.rewards)
+    assert res.failed_by_fn == {"accuracy": [False] * n, "format": [False] * n,
+                                "plugins_for_tests:hangs": [True] * n, "plugins_for_tests:raises": [True] * n}
     assert res.metrics["reward/timeouts"] == n and res.metrics["reward/errors"] == n
-    assert res.rewards == [1.5] * n
+    assert res.metrics["reward/failed_frac"] == 1.0
+    assert res.metrics["reward/plugins_for_tests.hangs/failed_frac"] == 1.0
+    assert res.metrics["reward/accuracy/failed_frac"] == 0.0 and res.metrics["reward/accuracy_mean"] == 1.0
+    assert math.isnan(res.metrics["reward/total_mean"])  # no item has a total
     assert "plugins_for_tests:" in res.error_example
-    assert "reward failures in this batch" in caplog.text
+    assert caplog.text.count("reward failures in this batch") == 1  # one line per batch, not per item
 
 
 def test_scorer_still_works_after_failures(scorer):
     res = scorer.score([GOOD, "\\boxed{45}"], [SAMPLE, SAMPLE])
-    assert res.components["accuracy"] == [1.0, 0.0]
+    assert res.components["accuracy"] == [1.0, 0.0] and res.failed_by_fn["accuracy"] == [False, False]
 
 
 def test_user_plugin_values_and_bad_return_counted():
@@ -50,19 +59,23 @@ def test_user_plugin_values_and_bad_return_counted():
     try:
         res = s.score(["ab", "abcd"], [SAMPLE, SAMPLE])
         assert res.components["plugins_for_tests:brevity"] == pytest.approx([1 / 3, 1 / 5])
-        assert res.components["plugins_for_tests:returns_text"] == [0.0, 0.0]
-        assert res.metrics["reward/errors"] == 2
+        assert all(math.isnan(v) for v in res.components["plugins_for_tests:returns_text"])
+        assert res.failed == [True, True] and res.failed_by_fn["plugins_for_tests:brevity"] == [False, False]
+        assert res.metrics["reward/errors"] == 2 and "not a number" in res.error_example
+        assert res.metrics["reward/plugins_for_tests.brevity_mean"] == pytest.approx((1 / 3 + 1 / 5) / 2)
     finally:
         s.close()
 
 
 def test_cache_and_slow_path_metrics():
     s = RewardScorer(["accuracy"])
-    comp = "\\boxed{\\{1,2\\}}"
-    res = s.score([comp] * 4, [{"answer": "\\{2,1\\}"}] * 4)
+    comp = "\\boxed{x^2+2x+1}"
+    res = s.score([comp] * 4, [{"answer": "(x+1)^2"}] * 4)
     assert res.components["accuracy"] == [1.0] * 4
     assert res.metrics["reward/slow_path"] == 1 and res.metrics["reward/cache_hits"] == 3
     assert res.metrics["reward/latency_ms"] > 0
+    res = s.score([comp], [{"answer": "(x+1)^2"}])
+    assert res.metrics["reward/slow_path"] == 0 and res.metrics["reward/cache_hits"] == 1
 
 
 def test_countdown_rows_are_checked_by_evaluation():
@@ -116,3 +129,99 @@ def test_entry_point_plugins_are_discovered(tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     assert "shout" in registry.known()
     assert get("shout").fn("ABC", {}) == 2.0
+
+
+# ------------------------------------------------------------------------------------------- failed items
+# plugins for the tests below, named as `test_reward_scorer:NAME` (tests/ is on sys.path)
+def raises_on_odd(completion, sample):
+    if int(sample["answer"]) % 2:
+        raise RewardFailed(f"cannot score odd answer {sample['answer']}")
+    return 0.5
+
+
+def batched_with_failures(completions, samples):
+    return ScoredBatch([Failed("sandbox unavailable") if s["answer"] == "3" else 1.0 for s in samples],
+                       {"weak_frac": 0.25, "failed_frac": 0.9})  # a clashing key: the scorer's own count wins
+
+
+batched_with_failures.r1lab_batched = True
+
+
+def _rows(*answers):
+    return [f"<think>x</think>\\boxed{{{a}}}" for a in answers], [{"answer": str(a)} for a in answers]
+
+
+def test_plugin_failing_on_some_items():
+    s = RewardScorer(["accuracy", "test_reward_scorer:raises_on_odd"], [1.0, 2.0], timeout_s=10, num_workers=1)
+    try:
+        comps, samples = _rows(2, 3, 4)
+        res = s.score(comps, samples)
+        assert res.failed == [False, True, False] and res.failed_by_fn["test_reward_scorer:raises_on_odd"] == [False, True, False]
+        assert res.rewards[0] == 2.0 and math.isnan(res.rewards[1]) and res.rewards[2] == 2.0
+        assert res.components["accuracy"] == [1.0, 1.0, 1.0]
+        assert res.metrics["reward/failed_frac"] == pytest.approx(1 / 3)
+        assert res.metrics["reward/test_reward_scorer.raises_on_odd/failed_frac"] == pytest.approx(1 / 3)
+        assert res.metrics["reward/test_reward_scorer.raises_on_odd_mean"] == 0.5  # over items that did not fail
+        assert res.metrics["reward/total_mean"] == 2.0 and res.metrics["reward/errors"] == 1
+        assert "cannot score odd answer 3" in res.error_example
+    finally:
+        s.close()
+
+
+def test_weight_zero_failures_are_counted_but_do_not_fail_items():
+    s = RewardScorer(["accuracy", "plugins_for_tests:raises"], [1.0, 0.0], timeout_s=10, num_workers=1)
+    try:
+        comps, samples = _rows(2, 3)
+        res = s.score(comps, samples)
+        assert res.failed == [False, False] and res.rewards == [1.0, 1.0]
+        assert res.failed_by_fn["plugins_for_tests:raises"] == [True, True]
+        assert res.metrics["reward/errors"] == 2 and res.metrics["reward/failed_frac"] == 0.0
+        assert res.metrics["reward/plugins_for_tests.raises/failed_frac"] == 1.0
+        assert math.isnan(res.metrics["reward/plugins_for_tests.raises_mean"])
+    finally:
+        s.close()
+
+
+def test_batched_plugin_returning_failed_entries_and_metrics():
+    s = RewardScorer(["test_reward_scorer:batched_with_failures", "format"], [1.0, 0.5], num_workers=1)
+    try:
+        comps, samples = _rows(2, 3, 4)
+        res = s.score(comps, samples)
+        assert res.failed == [False, True, False]
+        assert res.rewards[0] == 1.5 and math.isnan(res.rewards[1])
+        assert res.metrics["reward/test_reward_scorer.batched_with_failures/weak_frac"] == 0.25
+        assert res.metrics["reward/test_reward_scorer.batched_with_failures/failed_frac"] == pytest.approx(1 / 3)
+        assert "sandbox unavailable" in res.error_example and res.metrics["reward/errors"] == 1
+    finally:
+        s.close()
+
+
+def test_trusted_batched_reward_like_the_code_reward(monkeypatch):
+    """In-process batched builtins (the code reward) may return Failed entries and a ScoredBatch, or raise."""
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    register("fake_code", batched=True, trusted=True)(batched_with_failures)
+    register("fake_code_down", batched=True, trusted=True)(lambda c, s: (_ for _ in ()).throw(OSError("no bwrap")))
+    s = RewardScorer(["fake_code", "fake_code_down"], [1.0, 0.0])
+    comps, samples = _rows(3, 4)
+    res = s.score(comps, samples)
+    assert res.failed == [True, False] and res.components["fake_code"][1] == 1.0
+    assert res.failed_by_fn["fake_code_down"] == [True, True] and res.metrics["reward/errors"] == 3
+    assert res.metrics["reward/fake_code/weak_frac"] == 0.25
+    assert res.error_example == "reward 'fake_code' error: Failed: sandbox unavailable"
+    res = RewardScorer(["fake_code_down"]).score(comps, samples)
+    assert res.failed == [True, True] and res.error_example == "reward 'fake_code_down' error: raised OSError: no bwrap"
+
+
+def test_accuracy_failures_are_failed_and_never_cached():
+    s = RewardScorer(["accuracy", "format"], [1.0, 0.2], timeout_s=1.0)
+    comps = [GOOD, GOOD, "<think>x</think>\\boxed{(x+1)^{99999}-(x+2)^{99998}}"]
+    samples = [SAMPLE, {"answer": "\\frac{"}, {"answer": "(x+1)^{99999}"}]
+    for _ in range(2):  # the second call grades again: a failed verdict is not remembered
+        res = s.score(comps, samples)
+        assert res.failed == [False, True, True] and res.rewards[0] == pytest.approx(1.2)
+        assert math.isnan(res.components["accuracy"][1]) and math.isnan(res.components["accuracy"][2])
+        assert res.metrics["reward/timeouts"] == 1 and res.metrics["reward/errors"] == 1
+        assert res.metrics["reward/accuracy/failed_frac"] == pytest.approx(2 / 3)
+        assert res.metrics["reward/accuracy_mean"] == 1.0 and res.metrics["reward/format_mean"] == 1.0
+        assert res.metrics["reward/cache_hits"] <= 1  # only GOOD/SAMPLE can come from the cache
+        assert "does not parse" in res.error_example

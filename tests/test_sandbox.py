@@ -9,6 +9,7 @@ import time
 import pytest
 
 from sandbox import Sandbox, capabilities
+from sandbox.runner import RESIDENT_PROCS
 
 pytestmark = pytest.mark.skipif(not capabilities().strong, reason=f"no bubblewrap: {capabilities().bwrap_error}")
 
@@ -27,7 +28,8 @@ def run(sb, code, **kw):
 
 
 def slot_processes(uid: int) -> int:
-    """Host processes running as a slot's uid (the slot itself is bwrap + its init + the server)."""
+    """Host processes running as a slot's uid (the slot itself: bwrap, the server, the zygote and the test
+    harness, RESIDENT_PROCS in all)."""
     n = 0
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -45,9 +47,9 @@ def assert_healthy(sb):
     if capabilities().is_root:
         uid = sb._slots[0].uid
         deadline = time.monotonic() + 3  # a killed slot's processes take a moment to be reaped
-        while slot_processes(uid) != 3 and time.monotonic() < deadline:
+        while slot_processes(uid) != RESIDENT_PROCS and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert slot_processes(uid) == 3, "something outlived its run"
+        assert slot_processes(uid) == RESIDENT_PROCS, "something outlived its run"
 
 
 def test_basic_run_and_files(sb):
@@ -197,7 +199,8 @@ def test_cannot_signal_host_processes(sb):
         assert victim.poll() is None, "a host process was killed from inside the sandbox"
         assert res.status == "ok"
         pids = eval(res.stdout.strip().splitlines()[-1])
-        assert len(pids) <= 4, f"more than the sandbox's own processes are visible: {pids}"
+        # inside: the server (pid 1), the zygote, the harness and the program itself
+        assert len(pids) <= RESIDENT_PROCS, f"more than the sandbox's own processes are visible: {pids}"
     finally:
         victim.kill()
 

@@ -31,3 +31,24 @@ def test_greedy_agrees_with_transformers(vllm_engine, tiny):
             logits = model(torch.tensor([ids[0].tolist() + vllm_ids])).logits[0, ids.shape[1] - 1:-1]
         ref = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(vllm_ids)[:, None])[:, 0]
         assert torch.allclose(ref, torch.tensor(samples[0].logprobs), atol=1e-3)
+
+
+def test_streamed_groups_have_every_sample_and_temperature_logprobs(vllm_engine, tiny):
+    """generate_stream yields each prompt's n samples once they are all finished (the engine's default
+    cumulative output would carry only the last child), with log-probs of the *sampling* distribution
+    (after temperature: vLLM's processed_logprobs mode), as the trainer computes them."""
+    from rl.rollout.vllm_engine import generate_stream
+
+    path = build_tiny_model(TinyModelSpec(arch="qwen2", initializer_range=0.3), tiny.tokenizer)
+    reload_weights(vllm_engine, str(path))
+    tok = AutoTokenizer.from_pretrained(path)
+    prompts = [tok(build_prompt(p, tok), add_special_tokens=False).input_ids for p in ("What is 1+2?", "Hi", "3*4?")]
+    got = dict(generate_stream(vllm_engine, prompts, sampling_params(n=5, temperature=0.6, max_tokens=16)))
+    assert sorted(got) == [0, 1, 2] and all(len(s) == 5 for s in got.values())
+    assert len({tuple(s.token_ids) for s in got[0]}) > 1            # really 5 different samples
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    s = got[1][0]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompts[1] + s.token_ids])).logits[0, len(prompts[1]) - 1:-1]
+    at_t = torch.log_softmax(logits.float() / 0.6, -1).gather(-1, torch.tensor(s.token_ids)[:, None])[:, 0]
+    assert torch.allclose(at_t, torch.tensor(s.logprobs), atol=1e-3)

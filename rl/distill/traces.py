@@ -13,6 +13,7 @@ the others were rejected.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -21,7 +22,7 @@ from typing import Any
 
 from rl.distill.config import FilterSection, TraceSampling
 
-REJECT_REASONS = ("truncated", "too_long", "low_reward", "duplicate", "over_quota")
+REJECT_REASONS = ("truncated", "too_long", "score_failed", "low_reward", "duplicate", "over_quota")
 
 
 def generate_traces(llm: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]], sampling: TraceSampling, *,
@@ -63,6 +64,8 @@ def select_traces(cands: Sequence[Mapping[str, Any]], scores: Mapping[str, Seque
             reason = "truncated"
         elif c["num_tokens"] > length_cap:
             reason = "too_long"
+        elif any(math.isnan(scores[name][j]) for name in mins):
+            reason = "score_failed"   # the reward could not be computed: not verified, so never kept
         elif any(scores[name][j] < m for name, m in mins.items()):
             reason = "low_reward"
         elif f.dedup and key in seen.get(p, set()):
@@ -81,21 +84,26 @@ def select_traces(cands: Sequence[Mapping[str, Any]], scores: Mapping[str, Seque
              "acceptance_rate": len(kept) / len(cands) if cands else 0.0,
              "prompts": len(prompts), "prompts_with_a_kept_trace": len(per_prompt),
              "rejected": {r: counts.get(r, 0) for r in REJECT_REASONS},
-             "reward_means": {n: (sum(v) / len(v) if v else 0.0) for n, v in scores.items()}}
+             "reward_means": {n: _mean([x for x in v if not math.isnan(x)]) for n, v in scores.items()}}
     return kept, reasons, stats
+
+
+def _mean(v: Sequence[float]) -> float:
+    return sum(v) / len(v) if v else 0.0
 
 
 def score_traces(cands: Sequence[Mapping[str, Any]], f: FilterSection, max_tokens: int
                  ) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Each filter reward's raw value per candidate (through the shared scorer: pool, timeouts, cache), and the
-    scorer's metrics (reward/timeouts, reward/errors: such traces score 0 and are rejected, never kept)."""
+    scorer's metrics. A value the scorer could not compute (timeout, crash, unparsable gold) is NaN, and
+    `select_traces` rejects that trace as "score_failed": only verified traces are kept."""
     from rewards.scorer import RewardScorer
 
     scorer = RewardScorer(f.rewards)
     samples = [{**c["row"], "completion_tokens": c["num_tokens"], "max_tokens": max_tokens} for c in cands]
     res = scorer.score([c["completion"] for c in cands], samples)
-    if res.metrics.get("reward/timeouts") or res.metrics.get("reward/errors"):
-        print(f"warning: reward scoring had failures (scored 0, so rejected): {res.metrics}; "
+    if any(any(f) for f in res.failed_by_fn.values()):
+        print(f"warning: reward scoring failed on some traces (rejected as score_failed): {res.metrics}; "
               f"example: {res.error_example}", flush=True)
     return {name: list(res.components[name]) for name in f.rewards}, dict(res.metrics)
 

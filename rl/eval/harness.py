@@ -1,8 +1,13 @@
 """The evaluation harness: R1 sampling through vLLM (or completions made elsewhere), graded by the same grader
 the rewards use, reported with pass@k, maj@k and 95% intervals.
 
-Outputs: `results.json` ({benchmark, num_problems, samples_per_problem, metrics, sampling, model, breakdown,
-grader}) and a per-sample JSONL (index, sample, extracted answer, verdict, completion).
+Three outcomes per sample: correct, wrong, and failed (the grader timed out or crashed, the gold answer does
+not parse, the code sandbox was unavailable). Failed samples are reported apart from wrong ones and counted as
+not correct in every metric (conservative); `failed_frac` and a warning in the summary say how many there were.
+
+Outputs: `results.json` ({benchmark, num_problems, samples_per_problem, metrics, failed, failed_examples,
+sampling, model, breakdown, grader}) and a per-sample JSONL (index, sample, extracted answer, status
+"correct" | "wrong" | "failed", reason (failed only), correct, completion).
 """
 from __future__ import annotations
 
@@ -19,9 +24,12 @@ from tqdm import tqdm
 from data.benchmarks import Benchmark, load_benchmark
 from data.loading import DataError, read_jsonl
 from rewards.countdown import check_completion
-from rewards.extract import extract_answer
-from rewards.math import GRADER_STATS, fast_verdict, grade_answer, grader_pool, verify_batch
+from rewards.extract import final_answers
+from rewards.math import CORRECT, FAILED, GRADER_STATS, WRONG, grade_answers, grade_batch
+from rewards.outcome import is_failed
 from rl.eval.metrics import aggregate
+
+MAX_FAILED_EXAMPLES = 5
 
 
 @dataclass
@@ -82,16 +90,40 @@ def generate_completions(model: str | None, problems: list[dict[str, Any]], samp
 
 
 def _equivalent(a: str, b: str, timeout_s: float) -> bool:
-    v = fast_verdict(a, b)
-    if v is not None:
-        return v
-    (r,) = grader_pool().map(grade_answer, [(a, b)], timeout_s)
-    return bool(r.value) if r.status == "ok" else False
+    """Two extracted answers the same value? (maj@k clustering; a comparison that fails counts as different)"""
+    (v,) = grade_answers([((a,), b)], timeout_s=timeout_s)
+    return v.correct
+
+
+def _math_outcomes(comps: list[str], samples: list[Mapping[str, Any]], timeout_s: float) -> list[tuple]:
+    """(answer, status, reason) per completion: the math grader, or the countdown checker for countdown rows."""
+    graded = [j for j, s in enumerate(samples) if s.get("task") != "countdown"]
+    verdicts = dict(zip(graded, grade_batch([comps[j] for j in graded], [samples[j]["answer"] for j in graded],
+                                            timeout_s=timeout_s)))
+    out = []
+    for j, (c, s) in enumerate(zip(comps, samples)):
+        answer = ", ".join(final_answers(c)) or None
+        if j in verdicts:
+            out.append((answer, verdicts[j].status, verdicts[j].reason))
+        else:  # countdown: the expression is evaluated, not compared
+            out.append((answer, CORRECT if check_completion(c, s) else WRONG, None))
+    return out
+
+
+def _code_outcomes(comps: list[str], samples: list[Mapping[str, Any]]) -> list[tuple]:
+    """(program, status, reason) per completion; a `Failed` entry (e.g. sandbox outage) is a failed sample."""
+    from rewards.code import code_reward_batch, extract_program
+
+    rewards = list(code_reward_batch(comps, samples, all_or_nothing=True))
+    if len(rewards) != len(comps):
+        raise RuntimeError(f"code_reward_batch returned {len(rewards)} rewards for {len(comps)} completions")
+    return [(extract_program(c), FAILED, r.reason) if is_failed(r) else
+            (extract_program(c), CORRECT if r == 1.0 else WRONG, None) for c, r in zip(comps, rewards)]
 
 
 def grade(spec: Benchmark, problems: list[dict[str, Any]], completions: Mapping[int, list[str]],
           timeout_s: float = 5.0) -> list[dict[str, Any]]:
-    """One record per sample: index, sample, answer (extracted), correct."""
+    """One record per sample: index, sample, answer (extracted), status, reason (failed only), correct."""
     by_index = {p["index"]: p for p in problems}
     flat = [(i, k, c) for i, cs in completions.items() for k, c in enumerate(cs)]
     records = []
@@ -100,19 +132,13 @@ def grade(spec: Benchmark, problems: list[dict[str, Any]], completions: Mapping[
         part = flat[start:start + chunk]
         comps = [c for _, _, c in part]
         samples = [by_index[i] for i, _, _ in part]
-        if spec.kind == "code":
-            from rewards.code import code_reward_batch, extract_program
-
-            verdicts = [r == 1.0 for r in code_reward_batch(comps, samples, all_or_nothing=True)]
-            answers = [extract_program(c) for c in comps]
-        else:
-            verdicts = verify_batch(comps, [s["answer"] for s in samples], timeout_s=timeout_s)
-            answers = [extract_answer(c) for c in comps]
-            for j, s in enumerate(samples):  # countdown rows: the expression is evaluated, not compared
-                if s.get("task") == "countdown":
-                    verdicts[j] = check_completion(comps[j], s)
-        for (i, k, c), a, v in zip(part, answers, verdicts):
-            records.append({"index": i, "sample": k, "answer": a, "correct": bool(v), "completion": c})
+        outcomes = (_code_outcomes(comps, samples) if spec.kind == "code"
+                    else _math_outcomes(comps, samples, timeout_s))
+        for (i, k, c), (answer, status, reason) in zip(part, outcomes):
+            rec = {"index": i, "sample": k, "answer": answer, "status": status, "correct": status == CORRECT}
+            if status == FAILED:
+                rec["reason"] = reason
+            records.append({**rec, "completion": c})
     return records
 
 
@@ -122,9 +148,11 @@ def summarize(spec: Benchmark, problems: list[dict[str, Any]], records: list[dic
     for r in records:
         groups[r["index"]].append(r)
     order = [p["index"] for p in problems if p["index"] in groups]
-    verdicts = [[r["correct"] for r in groups[i]] for i in order]
+    verdicts = [[r["status"] == CORRECT for r in groups[i]] for i in order]  # failed counts as not correct
+    failed = [[r["status"] == FAILED for r in groups[i]] for i in order]
     answers = [[r["answer"] for r in groups[i]] for i in order] if spec.kind == "math" else None
-    metrics = aggregate(verdicts, answers, (lambda a, b: _equivalent(a, b, timeout_s)) if answers else None)
+    metrics = aggregate(verdicts, answers, (lambda a, b: _equivalent(a, b, timeout_s)) if answers else None,
+                        failed=failed)
     breakdown: dict[str, Any] = {}
     by_index = {p["index"]: p for p in problems}
     for key in ("level", "subject"):
@@ -160,12 +188,15 @@ def evaluate(benchmark: str, *, model: str | None = None, completions_file: str 
         samples_per_problem = n
     records = grade(spec, problems, completions, timeout_s)
     metrics, breakdown = summarize(spec, problems, records, timeout_s)
+    failed = [r for r in records if r["status"] == FAILED]
     results = {
         "benchmark": spec.name, "num_problems": len(problems), "samples_per_problem": samples_per_problem,
-        "metrics": metrics, "sampling": asdict(sampling) if completions_file is None else None,
+        "metrics": metrics, "num_samples": len(records), "failed": len(failed),
+        "failed_examples": [{k: r[k] for k in ("index", "sample", "reason")} for r in failed[:MAX_FAILED_EXAMPLES]],
+        "sampling": asdict(sampling) if completions_file is None else None,
         "model": model if completions_file is None else None, "completions_file": completions_file,
         "breakdown": breakdown,
-        "grader": {k: GRADER_STATS[k] - stats_before.get(k, 0) for k in ("timeouts", "errors", "slow_path")},
+        "grader": {k: GRADER_STATS[k] - stats_before.get(k, 0) for k in ("timeouts", "errors", "slow_path", "failed")},
         "wall_s": round(time.time() - t0, 2),
     }
     if output:
@@ -194,6 +225,13 @@ def summary_table(results: dict[str, Any]) -> str:
     for name, table in results.get("breakdown", {}).items():
         lines.append(f"-- {name}")
         lines += [f"   {b:<28} {row['pass@1']:.3f}  (n={row['num_problems']})" for b, row in table.items()]
+    n_failed, n_samples = results.get("failed", 0), results.get("num_samples", 0)
+    lines.append(f"{'failed':<10} {n_failed:>8}   of {n_samples} samples (not gradable; counted as not correct)")
+    if n_failed:
+        first = (results.get("failed_examples") or [{}])[0]
+        lines.append(f"WARNING: {n_failed} samples could not be graded and count as not correct above (the metrics "
+                     f"may be underestimated); first: problem {first.get('index')} sample {first.get('sample')}: "
+                     f"{first.get('reason')}")
     return "\n".join(lines)
 
 

@@ -5,6 +5,10 @@
   maj@k     majority vote over the first k samples' extracted answers, answers grouped by equivalence
             (ties go to the answer seen first); a problem without any extracted answer scores 0
   ci95      normal-approximation 95% interval over problems (mean +- 1.96 * sd / sqrt(N))
+  failed_frac  share of all samples the grader could not judge (timeout, crash, unparsable gold)
+
+A failed sample is neither right nor wrong; every metric above counts it as not correct (conservative: a
+grader outage can only lower pass@k and maj@k, never raise them), and `failed_frac` says how many there were.
 """
 from __future__ import annotations
 
@@ -66,10 +70,16 @@ def majority_correct(answers: Sequence[str | None], correct: Sequence[bool],
 
 
 def aggregate(per_problem: Sequence[Sequence[bool]], answers: Sequence[Sequence[str | None]] | None = None,
-              equivalent: Callable[[str, str], bool] | None = None) -> dict[str, float]:
-    """Flat metrics dict from per-problem verdict lists (and extracted answers for maj@k)."""
+              equivalent: Callable[[str, str], bool] | None = None,
+              failed: Sequence[Sequence[bool]] | None = None) -> dict[str, float]:
+    """Flat metrics dict from per-problem correctness lists (and extracted answers for maj@k). `failed` marks
+    the samples that could not be graded (their correctness must be False); it adds `failed_frac`."""
     if not per_problem:
         raise ValueError("no problems to aggregate")
+    if failed is not None:
+        for i, (v, f) in enumerate(zip(per_problem, failed)):
+            if len(v) != len(f) or any(c and x for c, x in zip(v, f)):
+                raise ValueError(f"problem {i}: failed samples must be counted as not correct ({v} vs {f})")
     n_min = min(len(v) for v in per_problem)
     metrics: dict[str, float] = {}
     p1 = [sum(v) / len(v) for v in per_problem]
@@ -83,4 +93,6 @@ def aggregate(per_problem: Sequence[Sequence[bool]], answers: Sequence[Sequence[
             vals = [float(majority_correct(a[:k], v[:k], equivalent)) for a, v in zip(answers, per_problem)]
             metrics[f"maj@{k}"] = sum(vals) / len(vals)
             metrics[f"maj@{k}_ci95_low"], metrics[f"maj@{k}_ci95_high"] = ci95(vals)
+    if failed is not None:
+        metrics["failed_frac"] = sum(map(sum, failed)) / max(1, sum(map(len, failed)))
     return metrics

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rl.config import DataConfig, ModelConfig, opt, require, require_known_rewards
+from rl.config import DataConfig, PolicyModelConfig, opt, require, require_known_rewards
 
 
 @dataclass
@@ -23,7 +23,12 @@ class RolloutConfig:
     gpu_memory_utilization: float = opt(0.0, "vLLM memory share; 0 = auto (0.3 on CPU, 0.5 on GPU)")
     dynamic_sampling: bool = opt(False, "DAPO: drop groups whose rewards are all equal and refill the batch")
     max_gen_batches: int = opt(4, "dynamic sampling: at most this many generation rounds per step")
-    enforce_eager: bool = opt(False, "disable CUDA graphs / compilation in vLLM")
+    enforce_eager: bool = opt(False, "disable CUDA graphs / torch.compile in vLLM (faster start, slower decode; "
+                                     "right for tiny models)")
+    kv_cache_gb: float = opt(0.0, "CPU only: vLLM KV-cache size in GB (0 = vLLM's default share of memory)")
+    async_steps: int = opt(0, "overlap: generate the batches of up to this many later steps while the current one "
+                              "trains (weights at most this many steps stale; 0 = synchronous). TIS or seq_mask "
+                              "(algo.rollout_correction) corrects for the staleness")
 
     def validate(self) -> None:
         require(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
@@ -33,6 +38,7 @@ class RolloutConfig:
         require(self.temperature > 0, "rollout.temperature", "must be > 0 (greedy sampling has no group variance)")
         require(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         require(self.max_gen_batches >= 1, "rollout.max_gen_batches", "must be >= 1")
+        require(self.async_steps >= 0, "rollout.async_steps", "must be >= 0")
 
 
 @dataclass
@@ -49,6 +55,13 @@ class AlgoConfig:
     kl_estimator: str = opt("k3", "KL estimator", choices=["k1", "k2", "k3"])
     entropy_coef: float = opt(0.0, "entropy bonus coefficient (entropy is always logged)")
     tis_cap: float = opt(2.0, "truncated importance sampling cap vs rollout log-probs (0 = off)")
+    rollout_correction: str = opt("tis", "correction for the gap between the rollout engine's policy (older "
+                                  "weights in async mode, sampler numerics) and the trainer's: tis = per-token "
+                                  "weight min(pi_old/pi_rollout, tis_cap); seq_mask = drop sequences whose "
+                                  "geometric-mean ratio is outside [seq_mask_low, seq_mask_high]; none",
+                                  choices=["tis", "seq_mask", "none"])
+    seq_mask_low: float = opt(0.5, "seq_mask: lowest kept sequence importance ratio")
+    seq_mask_high: float = opt(2.0, "seq_mask: highest kept sequence importance ratio")
     overlong_filter: bool = opt(False, "DAPO: truncated responses do not contribute to the loss")
     logprob_check_tol: float = opt(0.1, "step 0: stop if mean |trainer - rollout| log-prob exceeds this")
     distill_teacher: str = opt("", "on-policy distillation: teacher model path (same tokenizer as the policy); "
@@ -68,6 +81,8 @@ class AlgoConfig:
         require(self.kl_coef >= 0, "algo.kl_coef", "must be >= 0")
         require(self.tis_cap == 0 or self.tis_cap >= 1, "algo.tis_cap", "must be 0 (off) or >= 1")
         require(self.distill_coef > 0, "algo.distill_coef", "must be > 0")
+        require(0 < self.seq_mask_low <= 1 <= self.seq_mask_high, "algo.seq_mask_low",
+                "need 0 < seq_mask_low <= 1 <= seq_mask_high")
 
 
 @dataclass
@@ -78,11 +93,16 @@ class RewardSection:
     timeout_s: float = opt(5.0, "per-item timeout for graders and plugins")
     batch_timeout_s: float = opt(120.0, "deadline for scoring one batch")
     overlong_buffer: int = opt(0, "soft overlong penalty buffer in tokens (with the 'overlong' reward)")
+    max_failed_frac: float = opt(0.2, "stop the run when a reward function fails (timeout, crash, unparsable "
+                                      "gold) on more than this share of a step's items ...")
+    max_failed_steps: int = opt(3, "... for this many steps in a row (failed items never train either way)")
 
     def validate(self) -> None:
         require(len(self.functions) == len(self.weights), "reward.weights",
                 f"{len(self.weights)} weights for {len(self.functions)} functions {self.functions}")
         require_known_rewards(self.functions, "reward.functions")
+        require(0 <= self.max_failed_frac <= 1, "reward.max_failed_frac", "must be in [0, 1]")
+        require(self.max_failed_steps >= 1, "reward.max_failed_steps", "must be >= 1")
 
 
 @dataclass
@@ -118,9 +138,12 @@ class TrainerConfig:
 @dataclass
 class SyncConfig:
     """Trainer -> vLLM weight sync."""
-    method: str = opt("auto", "auto: HF safetensors + vLLM reload_weights (CPU and GPU)", choices=["auto", "disk"])
-    dir: str = opt("/dev/shm", "where synced weights are written (RAM disk)")
-    bucket_mb: int = opt(512, "safetensors shard size: weights are written and loaded in buckets of this size")
+    method: str = opt("file", "transport (rl.grpo.sync.transport): file = safetensors buckets in sync.dir, "
+                              "streamed to the engines as they are written", choices=["file"])
+    dir: str = opt("/dev/shm", "where buckets are written: a RAM disk on one node, a shared file system across "
+                               "nodes (trainer rank 0 writes, every rollout worker reads)")
+    bucket_mb: float = opt(512, "weights are gathered, sent and loaded this many MB at a time (bounds the memory "
+                              "a sync needs)")
     timeout_s: float = opt(300.0, "timeout for each transfer")
     checksum_every: int = opt(0, "verify engine weights == trainer weights every N steps (step 0 always)")
 
@@ -153,16 +176,20 @@ class ResourcesConfig:
     ray_address: str = opt("auto", "auto: join a running cluster, else start a local one; local: always a fresh "
                                    "private instance; or a cluster address")
     colocate: bool = opt(False, "put each rollout worker in a trainer worker's bundle (share its GPU)")
+    rollout_gpu_share: float = opt(0.5, "colocate on GPUs: the fraction of a bundle's GPUs the rollout worker "
+                                        "asks Ray for (the trainer gets the rest; vLLM sleeps while it trains)")
     trainer_cpus: float = opt(1.0, "CPUs per trainer worker")
     trainer_gpus: float = opt(0.0, "GPUs per trainer worker")
     rollout_cpus: float = opt(1.0, "CPUs per rollout worker")
     rollout_gpus: float = opt(0.0, "GPUs per rollout worker")
     placement_strategy: str = opt("PACK", "placement group strategy", choices=["PACK", "SPREAD", "STRICT_PACK"])
+    wait_s: float = opt(600.0, "how long to wait for the cluster to free the resources of a feasible run "
+                               "(an infeasible one fails at once)")
 
 
 @dataclass
 class GRPOConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: PolicyModelConfig = field(default_factory=PolicyModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
@@ -174,8 +201,16 @@ class GRPOConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
     def validate(self) -> None:
+        require(0 < self.resources.rollout_gpu_share < 1, "resources.rollout_gpu_share", "must be in (0, 1)")
+        if self.log.val_every > 0 and not self.data.source.startswith("synthetic:"):
+            require(bool(self.log.val_benchmark), "log.val_every",
+                    f"validation needs held-out problems: data.source={self.data.source!r} has no held-out split, "
+                    "so set log.val_benchmark (a benchmark name or JSONL path) or log.val_every=0")
         if self.resources.colocate:
             require(self.rollout.num_workers <= self.trainer.num_workers, "resources.colocate",
                     "needs rollout.num_workers <= trainer.num_workers")
+            require(not (self.resources.trainer_gpus > 0 and self.rollout.async_steps > 0), "rollout.async_steps",
+                    "colocated on GPUs the engine sleeps while the trainer trains, so nothing can overlap: use "
+                    "async_steps=0 or separate GPUs (resources.colocate=false)")
         require(self.rollout.max_new_tokens < self.rollout.max_model_len, "rollout.max_new_tokens",
                 f"must be below rollout.max_model_len ({self.rollout.max_model_len})")

@@ -1,37 +1,42 @@
 """The GRPO driver: one process that owns the loop and talks to Ray actors.
 
-  prompts --(rollout workers, vLLM, async .remote)--> samples + log-probs
-          --(RewardScorer: process pool with timeouts)--> rewards --(dynamic sampling)--> groups
-          --> advantages (rl.algos) --> batch shards --(trainer workers, FSDP2)--> old/ref log-probs, update
-          --> weight sync (trainer rank 0 writes HF safetensors; rollout workers reload in place)
-          --> metrics, checkpoints (atomic), validation
-Everything remote is an actor method called with `.remote()` and awaited with `ray.get(..., timeout)`; the
-driver itself is sequential, so the order of events is the order of the code.
+  prompts --(rollout workers: vLLM, rewards scored per group as it finishes)--> groups
+          --(dynamic sampling; failed rewards left out)--> advantages (rl.algos) --> batch shards
+          --(trainer workers, FSDP2)--> old/ref log-probs (skipped when strictly on-policy), update
+          --> weight sync (rl.grpo.sync: trainers stream buckets, engines load them as they arrive)
+          --> metrics (with a time breakdown), checkpoints (sharded, atomic), validation
+What is asynchronous: every actor call is `.remote()`; the driver waits on it with `ray.get(..., timeout)`
+right away, except rollouts launched ahead of training when `rollout.async_steps` > 0 (rl.grpo.rollout_queue)
+and the weight push/load pair, which run concurrently by design.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-import shutil
 import socket
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rl.algos import compute_advantages
 from rl.algos.distill import reverse_kl_metrics
 from rl.config import check_model_path, resolve_model_path, to_dict
 from rl.distill.compat import check_same_tokenizer
-from rl.grpo.batching import Group, build_batch, fill_batch, shard, unshard
+from rl.grpo import checkpoint as ckpt
+from rl.grpo.batching import Group, build_batch, fill_batch, group_advantages, pad_id_of, shard, unshard
 from rl.grpo.config import GRPOConfig
 from rl.grpo.metrics_log import MetricsLog
+from rl.grpo.placement import plan_placement
 from rl.grpo.prompts import Cursor, load_train_rows, tokenize_prompts
+from rl.grpo.rewards_check import FailureWatch, merge_reward_metrics
+from rl.grpo.rollout_queue import RolloutQueue
 
 log = logging.getLogger("r1lab.grpo")
-CKPT_PREFIX = "step_"
+latest_checkpoint = ckpt.latest_checkpoint  # re-exported: tests and users look for it here
 
 
 class WorkerDied(RuntimeError):
@@ -42,17 +47,25 @@ class WeightSyncError(RuntimeError):
     """The rollout engine does not hold the trainer's weights (sync or template broken)."""
 
 
-def _free_port() -> tuple[str, int]:
+def _rank0_address() -> tuple[str, int]:
+    """Runs on trainer rank 0's node: the node's address as Ray knows it (not gethostbyname, which is
+    127.0.1.1 on stock Debian/Ubuntu) and a free port."""
+    import ray
+
     s = socket.socket()
     s.bind(("", 0))
     port = s.getsockname()[1]
     s.close()
-    return socket.gethostbyname(socket.gethostname()), port
+    return ray.util.get_node_ip_address(), port
 
 
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    done = sorted(p for p in ckpt_root.glob(f"{CKPT_PREFIX}*") if (p / "DONE").exists())
-    return done[-1] if done else None
+def _import_path() -> list[str]:
+    """The driver's import directories (not the interpreter's own), for the actors that load reward plugins."""
+    import sys
+    import sysconfig
+
+    skip = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    return [os.path.abspath(p or ".") for p in sys.path if os.path.isdir(p or ".") and os.path.abspath(p or ".") not in skip]
 
 
 def fused_sums(hf_sums: dict[str, float], engine_sums: dict[str, float]) -> list[str]:
@@ -72,6 +85,22 @@ def fused_sums(hf_sums: dict[str, float], engine_sums: dict[str, float]) -> list
     return bad
 
 
+def validation_sampling(cfg: GRPOConfig):
+    """The eval harness's sampling for in-loop validation: the run's prompt template and <think> forcing."""
+    from rl.eval.harness import Sampling
+
+    lc = cfg.log
+    return Sampling(temperature=lc.val_temperature, top_p=1.0, n=lc.val_samples, max_tokens=cfg.rollout.max_new_tokens,
+                    seed=cfg.trainer.seed, template=cfg.data.template, force_think=cfg.data.force_think)
+
+
+def strictly_on_policy(cfg: GRPOConfig) -> bool:
+    """One epoch, one mini-batch, no rollouts ahead of training, no teacher: the update's own forward gives
+    the old log-probs (same weights), so the separate forward is redundant."""
+    t = cfg.trainer
+    return t.ppo_epochs == 1 and t.mini_batches == 1 and cfg.rollout.async_steps == 0 and not cfg.algo.distill_teacher
+
+
 class GRPODriver:
     def __init__(self, cfg: GRPOConfig) -> None:
         from transformers import AutoTokenizer
@@ -82,6 +111,7 @@ class GRPODriver:
         (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
         self.model_path = resolve_model_path(cfg.model.path)
         self.tok = AutoTokenizer.from_pretrained(self.model_path)
+        self.pad_id = pad_id_of(self.tok)
         if cfg.algo.distill_teacher:  # before Ray starts: a wrong teacher is a config error, not a crash later
             cfg.algo.distill_teacher = check_model_path(cfg.algo.distill_teacher, "algo.distill_teacher")
             check_same_tokenizer(self.model_path, cfg.algo.distill_teacher)
@@ -89,14 +119,18 @@ class GRPODriver:
         self.prompt_ids = tokenize_prompts(self.train_rows, self.tok, cfg.data, cfg.data.source)
         self.cursor = Cursor(cfg.trainer.seed, len(self.train_rows))
         self.step = 0
+        self.version = 0          # weight version the engines hold (= steps trained when they last loaded)
         self.ckpt_root = self.out / "checkpoints"
-        self.sync_root = Path(cfg.sync.dir) / f"r1lab-sync-{os.getpid()}-{int(time.time())}"
+        self.run_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.trainers: list[Any] = []
         self.rollouts: list[Any] = []
-        self.scorer = None
+        self.queue = RolloutQueue(cfg.rollout.async_steps)
+        self.failures = FailureWatch(cfg.reward.max_failed_frac, cfg.reward.max_failed_steps, cfg.reward.functions,
+                                     cfg.reward.weights)
         self.checked_logprobs = False
         self.last_ckpt: Path | None = None
         self._started_ray = False
+        self.pg = None
 
     # ------------------------------------------------------------------------------------------------ setup
     def _start_ray(self) -> None:
@@ -104,71 +138,86 @@ class GRPODriver:
 
         if ray.is_initialized():
             return
-        self._started_ray = True  # ours to shut down at close()
         env = {"env_vars": {k: os.environ[k] for k in ("R1LAB_CACHE_DIR", "PYTHONPATH") if k in os.environ}}
-        r = self.cfg.resources
-        need = r.trainer_cpus * self.cfg.trainer.num_workers + r.rollout_cpus * self.cfg.rollout.num_workers
-        local_cpus = max(int(need + 1), os.cpu_count() or 1)  # logical CPUs a local instance must offer
-        addr = r.ray_address
+        addr = self.cfg.resources.ray_address
+        # a private local instance exists only for this run: it offers at least the logical CPUs the run asks for
+        need = sum(b.get("CPU", 0.0) for b in plan_placement(self.cfg).bundles)
+        local = dict(num_cpus=max(math.ceil(need), os.cpu_count() or 1), include_dashboard=False)
+        self._started_ray = True  # ours to shut down at close() (a job's driver only disconnects)
         if addr == "local":  # always a fresh private instance (tests)
-            ray.init(address="local", num_cpus=local_cpus, runtime_env=env, include_dashboard=False,
-                     log_to_driver=True)
-            return
-        if addr != "auto" or os.environ.get("RAY_ADDRESS"):
+            ray.init(address="local", runtime_env=env, log_to_driver=True, **local)
+        elif addr != "auto" or os.environ.get("RAY_ADDRESS"):
             ray.init(address=None if addr == "auto" else addr, runtime_env=env, log_to_driver=True)
-            return
-        try:
-            ray.init(address="auto", runtime_env=env, log_to_driver=True)
-        except ConnectionError:
-            ray.init(num_cpus=local_cpus, runtime_env=env, include_dashboard=False, log_to_driver=True)
+        else:
+            try:
+                ray.init(address="auto", runtime_env=env, log_to_driver=True)
+            except ConnectionError:
+                ray.init(runtime_env=env, log_to_driver=True, **local)
+
+    def sync_spec(self) -> dict:
+        from rl.grpo.sync import FileTransport
+
+        sc = self.cfg.sync
+        return FileTransport(sc.dir, self.run_id, self.cfg.rollout.num_workers, timeout_s=sc.timeout_s).spec()
 
     def start(self, init_path: str | None = None) -> None:
-        """Ray, a placement group, trainer and rollout actors (from init_path or the model)."""
+        """Ray, a placement group checked against the cluster, trainer and rollout actors."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from rewards.scorer import RewardScorer
+        from rl.grpo.placement import check_fits, cluster_nodes, wait_ready
         from rl.grpo.rollout_worker import RolloutWorker
         from rl.grpo.trainer_worker import TrainerWorker
 
         self._start_ray()
-        cfg, r = self.cfg, self.cfg.resources
-        nt, nr = cfg.trainer.num_workers, cfg.rollout.num_workers
-        bundles = [{"CPU": r.trainer_cpus, **({"GPU": r.trainer_gpus} if r.trainer_gpus else {})}] * nt
-        if not r.colocate:
-            bundles += [{"CPU": r.rollout_cpus, **({"GPU": r.rollout_gpus} if r.rollout_gpus else {})}] * nr
-        self.pg = placement_group(bundles, strategy=r.placement_strategy)
-        ray.get(self.pg.ready(), timeout=600)
+        cfg = self.cfg
+        plan = plan_placement(cfg)
+        check_fits(plan, cluster_nodes())   # fail now, naming the shortfall, instead of waiting forever
+        self.pg = placement_group(plan.bundles, strategy=plan.strategy)
+        wait_ready([self.pg.ready()], ["placement group " + str(plan.bundles)], cfg.resources.wait_s,
+                   "reserving resources")
         strat = lambda i: PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)  # noqa: E731
-        addr, port = ray.get(ray.remote(_free_port).options(num_cpus=0, scheduling_strategy=strat(0)).remote())
-        T = ray.remote(TrainerWorker)
-        self.trainers = [T.options(num_cpus=r.trainer_cpus, num_gpus=r.trainer_gpus, scheduling_strategy=strat(i),
-                                   name=None).remote(i, nt, addr, port, cfg, init_path or self.model_path,
-                                                     self.model_path)
-                         for i in range(nt)]
-        R = ray.remote(RolloutWorker)
-        self.rollouts = [R.options(num_cpus=r.rollout_cpus if not r.colocate else 0,
-                                   num_gpus=r.rollout_gpus, scheduling_strategy=strat(i if r.colocate else nt + i)
-                                   ).remote(init_path or self.model_path, cfg, cfg.trainer.seed + 17 * i)
-                         for i in range(nr)]
-        self._get([w.ready.remote() for w in self.trainers + self.rollouts], 900, "start-up")
-        self.scorer = RewardScorer(cfg.reward.functions, cfg.reward.weights, timeout_s=cfg.reward.timeout_s,
-                                   batch_timeout_s=cfg.reward.batch_timeout_s)
+        addr, port = ray.get(ray.remote(_rank0_address).options(num_cpus=0, scheduling_strategy=strat(0)).remote())
+        spec = self.sync_spec()
+        nt = len(plan.trainer)
+        self.trainers = [ray.remote(TrainerWorker).options(scheduling_strategy=strat(b), **opts).remote(
+            i, nt, addr, port, cfg, self.model_path, self.model_path, spec) for i, (b, opts) in enumerate(plan.trainer)]
+        self.rollouts = [ray.remote(RolloutWorker).options(scheduling_strategy=strat(b), **opts).remote(
+            init_path or self.model_path, cfg, cfg.trainer.seed + 17 * j, _import_path())
+            for j, (b, opts) in enumerate(plan.rollout)]
+        names = [f"trainer worker {i}" for i in range(nt)] + [f"rollout worker {j}" for j in range(len(self.rollouts))]
+        try:
+            info = wait_ready([w.ready.remote() for w in self.trainers + self.rollouts], names, 900, "starting workers")
+        except Exception as e:
+            self._raise_worker_error(e, "start-up")
+        swept = info[0].get("swept") or []
+        if swept:
+            print(f"[r1lab] removed sync directories of dead runs: {swept}", flush=True)
+        self.placement_info = {"trainer_nodes": [i["node_id"] for i in info[:nt]],
+                               "rollout_nodes": [i["node_id"] for i in info[nt:]],
+                               "master_addr": addr}
 
     def _get(self, refs, timeout: float, what: str):
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
 
         try:
             return ray.get(refs, timeout=timeout)
-        except RayActorError as e:
-            where = f"the last intact checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written yet"
+        except Exception as e:
+            self._raise_worker_error(e, what)
+
+    def _raise_worker_error(self, e: Exception, what: str):
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        if isinstance(e, RayActorError):
+            where = (f"the last intact checkpoint is {self.last_ckpt}" if self.last_ckpt
+                     else "no checkpoint was written yet")
             who = self._actor_names().get(getattr(e, "actor_id", None) or "", "a Ray worker")
             raise WorkerDied(f"{who} died during {what} at step {self.step + 1}. Stopping; {where}; rerun with "
                              f"checkpoint.resume=auto to continue. Ray said: {e}") from None
-        except GetTimeoutError:
-            raise WorkerDied(f"{what} timed out after {timeout}s at step {self.step + 1}") from None
+        if isinstance(e, GetTimeoutError):
+            raise WorkerDied(f"{what} timed out at step {self.step + 1}") from None
+        raise e
 
     def _actor_names(self) -> dict[str, str]:
         names = {w._actor_id.hex(): f"trainer worker {i} (TrainerWorker)" for i, w in enumerate(self.trainers)}
@@ -176,111 +225,156 @@ class GRPODriver:
         return names
 
     # ------------------------------------------------------------------------------------------------ rollout
-    def _make_groups(self, k: int) -> list[Group]:
+    def _launch(self, k: int) -> dict[str, Any]:
+        """Take k prompts and start generating (and scoring) them on every rollout worker; returns handles."""
         idx = self.cursor.take(k)
-        cfg = self.cfg
-        prompts = [self.prompt_ids[i] for i in idx]
         nr = len(self.rollouts)
         chunks = [list(range(j, len(idx), nr)) for j in range(nr)]
-        seed = cfg.trainer.seed * 7919 + self.step * 104729 + self.cursor.epoch * 1_000_003 + self.cursor.pos
-        refs = [w.generate.remote([prompts[i] for i in ch], cfg.rollout.n, seed + 9973 * j)
-                for j, (w, ch) in enumerate(zip(self.rollouts, chunks))]
-        outs = self._get(refs, 3600, "rollout")
+        refs = [w.rollout.remote([self.prompt_ids[idx[i]] for i in ch], [self.train_rows[idx[i]] for i in ch],
+                                 self.version) for w, ch in zip(self.rollouts, chunks)]
+        return {"idx": idx, "chunks": chunks, "refs": refs, "version": self.version}
+
+    def _collect(self, handle: dict[str, Any]) -> list[Group]:
+        t0 = time.perf_counter()
+        outs = self._get(handle["refs"], 3600, "rollout")
+        self._timing["rollout_wait_s"] += time.perf_counter() - t0
+        idx = handle["idx"]
         groups: list[Group | None] = [None] * len(idx)
-        for ch, res in zip(chunks, outs):
-            for i, samples in zip(ch, res):
-                groups[i] = Group(self.train_rows[idx[i]], prompts[i], samples)
-        groups_ = [g for g in groups if g is not None]
-        texts, samples_meta = [], []
-        for g in groups_:
-            for s in g.samples:
-                texts.append(s["text"])
-                samples_meta.append({**g.row, "completion_tokens": len(s["token_ids"]),
-                                     "max_tokens": cfg.rollout.max_new_tokens,
-                                     "overlong_buffer": cfg.reward.overlong_buffer})
-        res = self.scorer.score(texts, samples_meta)
-        self._reward_metrics.append(res.metrics)
-        it = iter(res.rewards)
-        for g in groups_:
-            g.rewards = [next(it) for _ in g.samples]
-        return groups_
+        for ch, res in zip(handle["chunks"], outs):
+            self._timing["gen_s"] = max(self._timing["gen_s"], res["gen_s"])
+            self._timing["reward_wait_s"] = max(self._timing["reward_wait_s"], res["reward_wait_s"])
+            for i, g in zip(ch, res["groups"]):
+                self._reward_parts.append(g)
+                groups[i] = Group(self.train_rows[idx[i]], self.prompt_ids[idx[i]], g["samples"], g["rewards"],
+                                  g["failed"], res["version"])
+        return [g for g in groups if g is not None]
+
+    def _next_groups(self) -> tuple[list[Group], dict[str, float]]:
+        """This step's groups: the batch launched for it (now, or ahead of time in async mode), then dynamic
+        sampling's extra rounds with the current weights."""
+        cfg = self.cfg
+        self.queue.fill(self.step, self.version, self.cursor.state, lambda _: self._launch(cfg.rollout.batch_prompts))
+        first = [self.queue.pop(self.step).handle]
+
+        def make(k: int) -> list[Group]:
+            return self._collect(first.pop() if first else self._launch(k))
+        return fill_batch(make, cfg.rollout.batch_prompts, cfg.rollout.dynamic_sampling, cfg.rollout.max_gen_batches)
 
     # ------------------------------------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        self._reward_metrics: list[dict] = []
-        groups, m = fill_batch(self._make_groups, cfg.rollout.batch_prompts, cfg.rollout.dynamic_sampling,
-                               cfg.rollout.max_gen_batches)
-        t_roll = time.perf_counter() - t0
-        rewards = torch.tensor([r for g in groups for r in g.rewards])
-        gids = torch.tensor([i for i, g in enumerate(groups) for _ in g.samples])
-        adv, adv_m = compute_advantages(cfg.algo.advantage, rewards, gids)
-        batch = build_batch(groups, adv, self.tok.pad_token_id, cfg.algo.overlong_filter)
+        self._timing = {"rollout_wait_s": 0.0, "gen_s": 0.0, "reward_wait_s": 0.0}
+        self._reward_parts: list[dict] = []
+        groups, m = self._next_groups()
+        reward_m = merge_reward_metrics(self._reward_parts, cfg.reward.functions, cfg.reward.weights)
+        self.failures.check(reward_m, self.step + 1)   # named error after too many steps of failed rewards
+        if not groups:
+            log.warning("step %d: dynamic sampling kept no group in %d rounds (all rewards equal or failed); "
+                        "no update this step", self.step + 1, m["rollout/gen_rounds"])
+            return {**m, **reward_m, "train/skipped": 1.0, **self._cursor_metrics(),
+                    "perf/step_s": time.perf_counter() - t0}
+        adv, adv_m = group_advantages(cfg.algo.advantage, groups)
+        batch = build_batch(groups, adv, self.pad_id, cfg.algo.overlong_filter)
         shards, parts = shard(batch, len(self.trainers))
-        t1 = time.perf_counter()
-        lps = self._get([w.compute_logprobs.remote(s) for w, s in zip(self.trainers, shards)], 3600, "log-probs")
-        for s, lp in zip(shards, lps):
-            s.update(lp)
-        old = unshard([lp["old_logp"] for lp in lps], parts, rewards.numel())
-        mask = batch["response_mask"].bool()
-        if cfg.algo.distill_teacher:
-            teacher = unshard([lp["teacher_logp"] for lp in lps], parts, rewards.numel())
-            m.update(reverse_kl_metrics(old, teacher, mask))
-            for s in shards:  # the baseline of the reverse-KL advantage: one constant for the whole batch
-                s["distill_baseline"] = torch.tensor(m["distill/reverse_kl"])
-        diff = (old - batch["rollout_logp"]).abs()[mask]
-        m["rollout/logprob_diff"] = float(diff.mean()) if diff.numel() else 0.0
-        m["rollout/logprob_diff_max"] = float(diff.max()) if diff.numel() else 0.0
-        if not self.checked_logprobs:
-            self.checked_logprobs = True
-            if m["rollout/logprob_diff"] > cfg.algo.logprob_check_tol:
-                raise WeightSyncError(
-                    f"step {self.step + 1}: trainer and rollout log-probs differ by {m['rollout/logprob_diff']:.4f} "
-                    f"on average (> algo.logprob_check_tol={cfg.algo.logprob_check_tol}). The engine does not run "
-                    "the trainer's model (broken weight sync, dtype or chat template); refusing to train on it.")
-        metrics_list = self._get([w.update.remote(s) for w, s in zip(self.trainers, shards)], 3600, "update")
-        t_train = time.perf_counter() - t1
+        train_m, t_lp, t_up = self._train(batch, shards, parts, adv.numel(), m)
+        self._sleep_engines(False)
         t2 = time.perf_counter()
         sync_m = self.sync_weights(check=self._check_due())
         t_sync = time.perf_counter() - t2
-        lengths = torch.tensor([len(s["token_ids"]) for g in groups for s in g.samples], dtype=torch.float)
-        truncated = sum(s["finish_reason"] == "length" for g in groups for s in g.samples)
-        tokens = float(batch["attention_mask"].sum())
-        out = {**m, **adv_m, **metrics_list[0], **sync_m,
-               "rollout/reward_mean": float(rewards.mean()), "rollout/reward_std": float(rewards.std()),
-               "rollout/response_length_mean": float(lengths.mean()),
-               "rollout/response_length_max": float(lengths.max()),
-               "rollout/truncated_frac": truncated / max(1, lengths.numel()),
-               "perf/rollout_s": t_roll, "perf/train_s": t_train, "perf/sync_s": t_sync,
-               "perf/step_s": time.perf_counter() - t0,
-               "perf/tokens_per_s": tokens / max(1e-9, time.perf_counter() - t0)}
-        out.update(_mean_dicts(self._reward_metrics))
-        out["data/epoch"], out["data/cursor"] = float(self.cursor.epoch), float(self.cursor.pos)
+        out = {**m, **adv_m, **reward_m, **train_m, **sync_m, **self._rollout_metrics(groups, batch)}
+        step_s = time.perf_counter() - t0
+        busy = self._timing["rollout_wait_s"] + t_lp + t_up + t_sync
+        out.update({"perf/rollout_s": self._timing["rollout_wait_s"], "perf/gen_s": self._timing["gen_s"],
+                    "perf/reward_s": self._timing["reward_wait_s"], "perf/logprobs_s": t_lp, "perf/update_s": t_up,
+                    "perf/sync_s": t_sync, "perf/idle_s": max(0.0, step_s - busy), "perf/step_s": step_s,
+                    "perf/tokens_per_s": float(batch["attention_mask"].sum()) / max(1e-9, step_s),
+                    "perf/train_s": t_lp + t_up, **self._cursor_metrics()})
         out.setdefault("actor/kl", 0.0)
         return out
+
+    def _train(self, batch, shards, parts, n: int, m: dict) -> tuple[dict[str, float], float, float]:
+        """Old/ref/teacher log-probs (when needed), the safety check, the update. Returns (metrics, t_lp, t_up)."""
+        cfg = self.cfg
+        skip_old = strictly_on_policy(cfg) and self.checked_logprobs
+        t1 = time.perf_counter()
+        if not skip_old or cfg.algo.kl_coef > 0:
+            lps = self._get([w.compute_logprobs.remote(s, not skip_old) for w, s in zip(self.trainers, shards)],
+                            3600, "log-probs")
+            for s, lp in zip(shards, lps):
+                s.update({k: v for k, v in lp.items() if k != "seconds"})
+        if not skip_old:
+            old = unshard([lp["old_logp"] for lp in lps], parts, n)
+            mask = batch["response_mask"].bool()
+            if cfg.algo.distill_teacher:
+                teacher = unshard([lp["teacher_logp"] for lp in lps], parts, n)
+                m.update(reverse_kl_metrics(old, teacher, mask))
+                for s in shards:  # the baseline of the reverse-KL advantage: one constant for the whole batch
+                    s["distill_baseline"] = torch.tensor(m["distill/reverse_kl"])
+            diff = (old - batch["rollout_logp"]).abs()[mask]
+            m["rollout/logprob_diff"] = float(diff.mean()) if diff.numel() else 0.0
+            m["rollout/logprob_diff_max"] = float(diff.max()) if diff.numel() else 0.0
+            self._check_logprobs(m)
+        t_lp = time.perf_counter() - t1
+        self._sleep_engines(True)
+        t2 = time.perf_counter()
+        metrics_list = self._get([w.update.remote(s) for w, s in zip(self.trainers, shards)], 3600, "update")
+        out = dict(metrics_list[0])
+        out["train/old_logprobs_skipped"] = float(skip_old)
+        return out, t_lp, time.perf_counter() - t2
+
+    def _check_logprobs(self, m: dict) -> None:
+        if self.checked_logprobs:
+            return
+        self.checked_logprobs = True
+        tol = self.cfg.algo.logprob_check_tol
+        if m["rollout/logprob_diff"] > tol:
+            raise WeightSyncError(
+                f"step {self.step + 1}: trainer and rollout log-probs differ by {m['rollout/logprob_diff']:.4f} on "
+                f"average (> algo.logprob_check_tol={tol}). The engine does not run the trainer's model (broken "
+                "weight sync, dtype, sampling temperature or chat template); refusing to train on it.")
+
+    def _rollout_metrics(self, groups: list[Group], batch) -> dict[str, float]:
+        lengths = torch.tensor([len(s["token_ids"]) for g in groups for s in g.samples], dtype=torch.float)
+        truncated = sum(s["finish_reason"] == "length" for g in groups for s in g.samples)
+        stale = (self.step - batch["version"]).float()
+        return {"rollout/response_length_mean": float(lengths.mean()),
+                "rollout/response_length_max": float(lengths.max()),
+                "rollout/truncated_frac": truncated / max(1, lengths.numel()),
+                "rollout/staleness_mean": float(stale.mean()), "rollout/staleness_max": float(stale.max())}
+
+    def _cursor_metrics(self) -> dict[str, float]:
+        c = self.queue.resume_cursor() or self.cursor.state()
+        return {"data/epoch": float(c["epoch"]), "data/cursor": float(c["pos"])}
 
     def _check_due(self) -> bool:
         every = self.cfg.sync.checksum_every
         return self.step == 0 or (every > 0 and (self.step + 1) % every == 0)
 
+    def _sleep_engines(self, sleep: bool) -> None:
+        """Colocated on GPUs: engines free the device while the trainers update, and wake before the sync."""
+        r = self.cfg.resources
+        if r.colocate and r.trainer_gpus > 0:
+            self._get([(w.sleep if sleep else w.wake_up).remote() for w in self.rollouts], 600, "vLLM sleep/wake")
+
     def sync_weights(self, check: bool) -> dict[str, float]:
-        """Trainer rank 0 writes safetensors buckets to a RAM disk; every rollout engine reloads in place."""
-        path = self.sync_root / f"step{self.step + 1}"
-        refs = [w.save_hf.remote(str(path), self.cfg.sync.bucket_mb, False) for w in self.trainers]
-        sent = self._get(refs, self.cfg.sync.timeout_s, "weight sync (save)")[0]
-        got = self._get([w.load_weights.remote(str(path)) for w in self.rollouts], self.cfg.sync.timeout_s,
-                        "weight sync (load)")
-        for old in self.sync_root.glob("step*"):
-            if old != path:
-                shutil.rmtree(old, ignore_errors=True)
-        out = {"perf/sync_load_s": max(g["seconds"] for g in got)}
+        """Trainers stream the new weights bucket by bucket; every engine loads them as they arrive."""
+        version = self.step + 1
+        bucket = self.cfg.sync.bucket_mb
+        spec = self.sync_spec()
+        push = [w.push_weights.remote(version, bucket, check) for w in self.trainers]
+        load = [w.load_weights.remote(spec, version, j, check) for j, w in enumerate(self.rollouts)]
+        sent = self._get(push, self.cfg.sync.timeout_s * 2, "weight sync (trainers)")[0]
+        got = self._get(load, self.cfg.sync.timeout_s, "weight sync (engines)")
+        self.version = version
+        out = {"perf/sync_load_s": max(g["seconds"] for g in got), "sync/buckets": float(sent["buckets"]),
+               "sync/mb": sent["bytes"] / 2**20}
         if check:
             for j, g in enumerate(got):
-                missing = sorted(set(sent) - set(g["sums"]))
-                wrong = [k for k in sent if k in g["sums"] and g["sums"][k] != sent[k]]
+                missing = sorted(set(sent["sums"]) - set(g["sums"]))
+                wrong = [k for k in sent["sums"] if k in g["sums"] and g["sums"][k] != sent["sums"][k]]
                 engine = self._get(self.rollouts[j].engine_param_sums.remote(), 120, "checksum")
-                bad = fused_sums(sent, engine)
+                bad = fused_sums(sent["sums"], engine)
                 if missing or wrong or bad:
                     raise WeightSyncError(f"rollout worker {j}: synced weights differ from the trainer's: missing "
                                           f"{missing[:5]}, changed in transit {wrong[:5]}, engine mismatch {bad[:5]}")
@@ -289,31 +383,22 @@ class GRPODriver:
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
-        """Atomic: everything goes to step_N.tmp, then DONE, then rename; old ones beyond `keep` removed."""
-        final = self.ckpt_root / f"{CKPT_PREFIX}{self.step:06d}"
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        """Sharded trainer state + HF export + the driver's cursor, written atomically; old ones rotated."""
+        tmp, final = ckpt.begin(self.ckpt_root, self.step)
         self._get([w.save_checkpoint.remote(str(tmp)) for w in self.trainers], 3600, "checkpoint")
-        self._get([w.save_hf.remote(str(tmp / "hf"), self.cfg.sync.bucket_mb, True) for w in self.trainers], 3600,
-                  "checkpoint (hf)")
-        (tmp / "driver.json").write_text(json.dumps({"step": self.step, "cursor": self.cursor.state()}))
-        (tmp / "DONE").write_text("ok\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        kept = sorted(p for p in self.ckpt_root.glob(f"{CKPT_PREFIX}*") if (p / "DONE").exists())
-        for old in kept[: -max(1, self.cfg.checkpoint.keep)]:
-            shutil.rmtree(old, ignore_errors=True)
-        self.last_ckpt = final
-        return final
+        self._get([w.export_hf.remote(str(tmp / "hf"), self.cfg.sync.bucket_mb, True) for w in self.trainers],
+                  3600, "checkpoint (hf)")
+        cursor = self.queue.resume_cursor() or self.cursor.state()
+        state = {"step": self.step, "cursor": cursor, "trainer_workers": len(self.trainers)}
+        self.last_ckpt = ckpt.commit(tmp, final, state, self.cfg.checkpoint.keep)
+        return self.last_ckpt
 
     def _resume_point(self) -> Path | None:
         mode = self.cfg.checkpoint.resume
         if mode == "never":
             return None
         if mode == "auto":
-            return latest_checkpoint(self.ckpt_root)
+            return ckpt.latest_checkpoint(self.ckpt_root)
         p = Path(mode)
         if not (p / "DONE").exists():
             raise FileNotFoundError(f"checkpoint.resume={mode}: not a complete checkpoint (no DONE file)")
@@ -329,9 +414,8 @@ class GRPODriver:
                 from data.tasks import write_problems_jsonl
 
                 write_problems_jsonl(self.heldout_rows, bench)
-        res = self._get(self.rollouts[0].validate.remote(bench, lc.val_problems, lc.val_samples, lc.val_temperature,
-                                                        self.cfg.rollout.max_new_tokens, self.cfg.trainer.seed), 3600,
-                        "validation")
+        res = self._get(self.rollouts[0].validate.remote(bench, lc.val_problems, validation_sampling(self.cfg)),
+                        3600, "validation")
         name = Path(bench).stem if bench.endswith(".jsonl") else bench
         return {f"val/{name}/{k}": v for k, v in res.items() if not k.endswith(("_low", "_high"))}
 
@@ -340,7 +424,7 @@ class GRPODriver:
         resume = self._resume_point()
         start_step = 0
         if resume is not None:
-            state = json.loads((resume / "driver.json").read_text())
+            state = ckpt.read_driver_state(resume)
             start_step = state["step"]
             self.cursor.epoch, self.cursor.pos = state["cursor"]["epoch"], state["cursor"]["pos"]
             print(f"resuming from {resume} at step {start_step + 1}", flush=True)
@@ -348,10 +432,10 @@ class GRPODriver:
         if resume is not None:
             self._get([w.load_checkpoint.remote(str(resume)) for w in self.trainers], 3600, "resume")
             self.last_ckpt = resume
-        self.step = start_step
+        self.step = self.version = start_step
         mlog = MetricsLog(self.out, cfg.log.tensorboard, cfg.log.progress, cfg.trainer.max_steps, start_step)
         try:
-            if self.heldout_rows and cfg.log.val_every and start_step == 0:
+            if (self.heldout_rows or cfg.log.val_benchmark) and cfg.log.val_every and start_step == 0:
                 mlog.log(0, self.validate())
             while self.step < cfg.trainer.max_steps:
                 metrics = self.train_step()
@@ -363,7 +447,7 @@ class GRPODriver:
                 if (every and self.step % every == 0) or self.step == cfg.trainer.max_steps:
                     self.save_checkpoint()
             final = self.out / "final"
-            self._get([w.save_hf.remote(str(final), cfg.sync.bucket_mb, True) for w in self.trainers], 3600, "export")
+            self._get([w.export_hf.remote(str(final), cfg.sync.bucket_mb, True) for w in self.trainers], 3600, "export")
             return {"final": str(final), "steps": self.step}
         finally:
             mlog.close()
@@ -372,10 +456,7 @@ class GRPODriver:
     def close(self) -> None:
         import ray
 
-        shutil.rmtree(self.sync_root, ignore_errors=True)
-        if self.scorer is not None:
-            self.scorer.close()
-        for w in self.trainers:
+        for w in self.trainers + self.rollouts:   # trainer rank 0 removes its sync directory on its node
             try:
                 ray.get(w.shutdown.remote(), timeout=30)
             except Exception:
@@ -385,7 +466,8 @@ class GRPODriver:
                 ray.kill(w)
             except Exception:
                 pass
-        if getattr(self, "pg", None) is not None:
+        self.trainers, self.rollouts = [], []
+        if self.pg is not None:
             from ray.util.placement_group import remove_placement_group
 
             remove_placement_group(self.pg)
@@ -393,11 +475,3 @@ class GRPODriver:
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
-
-
-def _mean_dicts(ds: list[dict[str, float]]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for k in set().union(*ds) if ds else []:
-        vals = [d[k] for d in ds if k in d]
-        out[k] = sum(vals) if k in ("reward/timeouts", "reward/errors") else sum(vals) / len(vals)
-    return out

@@ -1,6 +1,13 @@
-"""Writing HF-format checkpoints from a full state dict: sharded safetensors ("buckets"), atomically."""
+"""Writing HF-format model directories bucket by bucket, atomically.
+
+`HFExportWriter` takes the buckets of `rl.grpo.sync.buckets` one at a time (each becomes one safetensors shard),
+so an export of a model that does not fit in one process's memory needs about one bucket of it at a time. The
+directory is assembled under `<out_dir>.tmp` and renamed at the end: a reader never sees a half-written model.
+Tied LM heads are not written (as `save_pretrained` does); `config.json` records the dtype of the weights.
+"""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -9,74 +16,57 @@ from pathlib import Path
 import torch
 
 
-def write_hf_checkpoint(state: dict[str, torch.Tensor], config, out_dir: str | os.PathLike, bucket_mb: int = 512,
-                        tokenizer_from: str | None = None) -> dict[str, float]:
-    """Save `state` as model-0000x-of-0000N.safetensors (+ index), config, generation config and tokenizer.
+class HFExportWriter:
+    def __init__(self, out_dir: str | os.PathLike) -> None:
+        self.out = Path(out_dir)
+        self.tmp = self.out.with_name(self.out.name + ".tmp")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.weight_map: dict[str, str] = {}
+        self.files: list[str] = []
+        self.total = 0
+        self.dtype: torch.dtype | None = None
 
-    Written into `<out_dir>.tmp` and renamed, so a reader never sees a half-written directory. Tied LM heads
-    are not saved (as `save_pretrained` does). Returns {tensor name: float64 sum} of what was written.
-    """
-    from safetensors.torch import save_file
+    def add(self, bucket: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if getattr(config, "tie_word_embeddings", False):
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    limit = max(1, bucket_mb) * (1 << 20)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(state):
-        t = state[name].detach().contiguous().cpu()
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
-        save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        (tmp / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    config.save_pretrained(tmp)
-    if tokenizer_from:
-        from transformers import AutoTokenizer, GenerationConfig
+        name = f"part-{len(self.files):05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in bucket.items()}, str(self.tmp / name), metadata={"format": "pt"})
+        self.files.append(name)
+        for k, v in bucket.items():
+            self.weight_map[k] = name
+            self.total += v.numel() * v.element_size()
+            if v.is_floating_point():
+                self.dtype = v.dtype
 
-        AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(tmp)
-        try:
-            GenerationConfig.from_pretrained(tokenizer_from).save_pretrained(tmp)
-        except OSError:
-            pass
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)
-    return {k: float(v.double().sum()) for k, v in state.items()}
+    def finish(self, config, tokenizer_from: str | None = None) -> Path:
+        """Name the shards as HF does, write the index, config (with the weights' dtype) and tokenizer, and
+        move the directory into place."""
+        n = len(self.files)
+        names = {f: ("model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors")
+                 for i, f in enumerate(self.files)}
+        for old, new in names.items():
+            os.rename(self.tmp / old, self.tmp / new)
+        if n > 1:
+            index = {"metadata": {"total_size": self.total},
+                     "weight_map": {k: names[v] for k, v in sorted(self.weight_map.items())}}
+            (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        config = copy.deepcopy(config)
+        if self.dtype is not None:
+            config.dtype = self.dtype
+        config.save_pretrained(self.tmp)
+        if tokenizer_from:
+            from transformers import AutoTokenizer, GenerationConfig
 
+            AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(self.tmp)
+            try:
+                GenerationConfig.from_pretrained(tokenizer_from).save_pretrained(self.tmp)
+            except OSError:
+                pass
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        os.rename(self.tmp, self.out)
+        return self.out
 
-def merge_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """PEFT LoRA state dict -> plain HF state dict with W = W0 + scaling * B @ A (what vLLM must serve).
-
-    Keys `base_model.model.X.base_layer.weight` / `X.lora_A.default.weight` / `X.lora_B.default.weight`
-    become `X.weight`; everything else loses the `base_model.model.` prefix."""
-    out: dict[str, torch.Tensor] = {}
-    prefix = "base_model.model."
-    for key, value in state.items():
-        if ".lora_A." in key or ".lora_B." in key:
-            continue
-        name = key[len(prefix):] if key.startswith(prefix) else key
-        if ".base_layer." in name:
-            module = key.rsplit(".base_layer.", 1)[0]
-            a = state.get(f"{module}.lora_A.default.weight")
-            b = state.get(f"{module}.lora_B.default.weight")
-            name = name.replace(".base_layer.", ".")
-            if a is not None and b is not None and key.endswith(".base_layer.weight"):
-                merged = value.float() + scaling * (b.float() @ a.float())
-                value = merged.to(value.dtype)
-        out[name] = value
-    return out
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)

@@ -1,54 +1,113 @@
-"""vLLM rollout worker (one Ray actor per engine): sampling with per-token log-probs, weight reload,
-validation through the eval harness."""
+"""vLLM rollout worker (one Ray actor per engine): sampling with per-token log-probs, reward scoring, weight
+reload, sleep/wake, validation through the eval harness.
+
+Rewards are scored here, off the driver's critical path: the engine is stepped request by request
+(`rl.rollout.vllm_engine.generate_stream`) and each prompt's group is handed to a scoring thread as soon as all
+its samples are finished, so grading overlaps the generation of the other groups. The scorer is the same
+`RewardScorer` (process pool, hard timeouts, failure counters) the driver used before.
+"""
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from rl.grpo.config import GRPOConfig
 
 
 class RolloutWorker:
-    def __init__(self, model_path: str, cfg: GRPOConfig, seed: int) -> None:
+    def __init__(self, model_path: str, cfg: GRPOConfig, seed: int, import_path: list[str] | None = None) -> None:
+        """import_path: the driver's sys.path, so that reward plugins named `module:function` import here as
+        they did when the driver validated the config."""
+        import sys
+
         from rl.rollout.vllm_engine import make_llm
+
+        sys.path.extend(p for p in (import_path or []) if p not in sys.path)
 
         r = cfg.rollout
         kw: dict[str, Any] = {}
         if r.gpu_memory_utilization > 0:
             kw["gpu_memory_utilization"] = r.gpu_memory_utilization
-        self.llm = make_llm(model_path, max_model_len=r.max_model_len, seed=seed,
-                            enforce_eager=True if r.enforce_eager else None, **kw)
+        if cfg.resources.colocate and cfg.resources.trainer_gpus > 0:
+            kw["enable_sleep_mode"] = True
+        self.llm = make_llm(model_path, dtype=cfg.model.dtype, max_model_len=r.max_model_len, seed=seed,
+                            enforce_eager=True if r.enforce_eager else None, in_process=True,
+                            kv_cache_gb=r.kv_cache_gb, **kw)
         self.cfg = cfg
+        self.scorer = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="r1lab-score")
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> dict[str, Any]:
+        from rl.grpo.trainer_worker import _node_id, _node_ip
 
-    def generate(self, prompt_ids: list[list[int]], n: int, seed: int) -> list[list[dict[str, Any]]]:
-        """n samples per prompt: token ids, text, sampled-token log-probs, finish reason."""
-        from rl.rollout.vllm_engine import generate, sampling_params
+        return {"node_ip": _node_ip(), "node_id": _node_id()}
+
+    def _scorer(self):
+        if self.scorer is None:
+            from rewards.scorer import RewardScorer
+
+            rc = self.cfg.reward
+            self.scorer = RewardScorer(rc.functions, rc.weights, timeout_s=rc.timeout_s,
+                                       batch_timeout_s=rc.batch_timeout_s)
+        return self.scorer
+
+    def rollout(self, prompt_ids: list[list[int]], rows: list[dict[str, Any]], version: int) -> dict[str, Any]:
+        """n samples per prompt, scored. Returns {"groups": [{"samples", "rewards", "failed"}...] in prompt
+        order, "scores": the per-group ScoreResults' parts, "gen_s", "reward_wait_s", "version"}."""
+        from rl.rollout.vllm_engine import generate_stream, sampling_params
 
         r = self.cfg.rollout
-        params = [sampling_params(n=n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens,
-                                  seed=seed + i) for i in range(len(prompt_ids))]
-        outs = generate(self.llm, prompt_ids, params)
-        return [[{"token_ids": s.token_ids, "text": s.text, "logprobs": s.logprobs, "finish_reason": s.finish_reason}
-                 for s in samples] for samples in outs]
-
-    def load_weights(self, path: str) -> dict[str, Any]:
-        """Reload from an HF safetensors directory; returns the sums of the tensors fed to the engine."""
+        params = sampling_params(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens)
         t0 = time.perf_counter()
-        (sums,) = self.llm.collective_rpc("r1lab_load_from_dir", args=(path,))[:1]
-        self.llm.reset_prefix_cache()
+        futures: dict[int, Any] = {}
+        samples_of: dict[int, list[dict]] = {}
+        for i, samples in generate_stream(self.llm, prompt_ids, params):
+            samples_of[i] = [{"token_ids": s.token_ids, "text": s.text, "logprobs": s.logprobs,
+                              "finish_reason": s.finish_reason} for s in samples]
+            futures[i] = self._pool.submit(self._score_group, samples_of[i], rows[i])
+        gen_s = time.perf_counter() - t0
+        groups = []
+        for i in range(len(prompt_ids)):
+            res = futures[i].result()
+            groups.append({"samples": samples_of[i], "rewards": res.rewards, "failed": res.failed,
+                           "components": res.components, "failed_by_fn": res.failed_by_fn,
+                           "metrics": res.metrics, "error_example": res.error_example})
+        return {"groups": groups, "gen_s": gen_s, "reward_wait_s": time.perf_counter() - t0 - gen_s,
+                "version": version}
+
+    def _score_group(self, samples: list[dict], row: dict[str, Any]):
+        rc = self.cfg.reward
+        meta = [{**row, "completion_tokens": len(s["token_ids"]), "max_tokens": self.cfg.rollout.max_new_tokens,
+                 "overlong_buffer": rc.overlong_buffer} for s in samples]
+        return self._scorer().score([s["text"] for s in samples], meta)
+
+    def load_weights(self, spec: dict, version: int, reader: int, checksum: bool) -> dict[str, Any]:
+        """Reload weight version `version` as the trainer streams it (rl.grpo.sync); with `checksum`, the
+        sums of the tensors fed to the engine."""
+        t0 = time.perf_counter()
+        (sums,) = self.llm.collective_rpc("r1lab_load_stream", args=(spec, version, reader, checksum))[:1]
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         return {"sums": sums, "seconds": time.perf_counter() - t0}
 
     def engine_param_sums(self) -> dict[str, float]:
         return self.llm.collective_rpc("r1lab_param_sums")[0]
 
-    def validate(self, benchmark: str, problems: int, samples: int, temperature: float, max_tokens: int,
-                 seed: int) -> dict[str, float]:
-        from rl.eval.harness import Sampling, evaluate
+    def sleep(self) -> None:
+        """Colocated on a GPU: free the KV cache and offload weights while the trainer uses the device."""
+        self.llm.sleep(level=1)
 
-        res = evaluate(benchmark, llm=self.llm, limit=problems, quiet=True,
-                       sampling=Sampling(temperature=temperature, top_p=1.0, n=samples, max_tokens=max_tokens,
-                                         seed=seed))
-        return res["metrics"]
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+
+    def validate(self, benchmark: str, problems: int, sampling) -> dict[str, float]:
+        """The eval harness on this engine (`sampling`: rl.eval.harness.Sampling, built by the driver with the
+        training prompt template)."""
+        from rl.eval.harness import evaluate
+
+        return evaluate(benchmark, llm=self.llm, limit=problems, quiet=True, sampling=sampling)["metrics"]
+
+    def shutdown(self) -> None:
+        if self.scorer is not None:
+            self.scorer.close()
+        self._pool.shutdown(wait=False)

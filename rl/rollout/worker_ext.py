@@ -38,17 +38,11 @@ class R1WorkerExtension:
                 if p.numel() > 0}
 
     def r1lab_load_from_dir(self, path: str) -> dict[str, float]:
-        """In-place reload from HF safetensors in `path`, streaming the tensors through vLLM's loader.
-
-        Returns the float64 sum of every tensor actually fed to the engine, so the trainer can check that what
-        arrived is what it sent (on CPU vLLM repacks linear weights into kernel formats and drops the
-        originals, so the engine's own parameters cannot all be read back)."""
+        """In-place reload from HF safetensors in `path` (an exported model directory)."""
         import glob
         import os
 
         from safetensors import safe_open
-
-        sums: dict[str, float] = {}
 
         def tensors():
             files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
@@ -57,10 +51,30 @@ class R1WorkerExtension:
             for f in files:
                 with safe_open(f, framework="pt") as sf:
                     for name in sf.keys():
-                        t = sf.get_tensor(name)
-                        sums[name] = float(t.double().sum())
-                        yield name, t
+                        yield name, sf.get_tensor(name)
 
-        self.reload_weights(weights_iterator=tensors(), is_checkpoint_format=True)  # type: ignore[attr-defined]
+        return self._r1lab_reload(tensors(), checksum=True)
+
+    def r1lab_load_stream(self, spec: dict, version: int, reader: int, checksum: bool) -> dict[str, float] | None:
+        """In-place reload of weight version `version` as the trainer streams it through the transport
+        described by `spec` (rl.grpo.sync.transport): buckets are loaded as they arrive."""
+        from rl.grpo.sync.transport import make_transport
+
+        return self._r1lab_reload(make_transport(spec).receive(version, reader), checksum)
+
+    def _r1lab_reload(self, tensors, checksum: bool) -> dict[str, float] | None:
+        """Feed (name, tensor) pairs through vLLM's in-place reload; with `checksum`, return the float64 sum of
+        every tensor actually fed to the engine, so the trainer can check that what arrived is what it sent (on
+        CPU vLLM repacks linear weights into kernel formats and drops the originals, so the engine's own
+        parameters cannot all be read back)."""
+        sums: dict[str, float] = {}
+
+        def counted():
+            for name, t in tensors:
+                if checksum:
+                    sums[name] = float(t.double().sum())
+                yield name, t
+
+        self.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)  # type: ignore[attr-defined]
         self.r1lab_retie_lm_head()
-        return sums
+        return sums if checksum else None

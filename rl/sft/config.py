@@ -13,7 +13,9 @@ class SFTDataConfig:
     split: str = opt("train", "split to read")
     field_map: dict = opt({}, "rename fields, e.g. {problem: question, solution: response}")
     completion_field: str = opt("solution", "field holding the target completion (reasoning + answer)")
-    template: str = opt("chat", "prompt template", choices=["chat", "r1_zero", "plain"])
+    template: str = opt("chat", "prompt template: chat = the tokenizer's chat template (conversational rows); "
+                                "r1_zero / plain = plain-text prompts (data.prompts.build_prompt)",
+                        choices=["chat", "r1_zero", "plain"])
     num_train: int = opt(2000, "synthetic tasks: number of training traces")
     task_knobs: dict = opt({}, "synthetic task difficulty knobs")
     seed: int = opt(0, "data seed")
@@ -42,7 +44,6 @@ class SFTTrainConfig:
     save_steps: int = opt(0, "checkpoint every N steps (0: only the final model)")
     resume: str = opt("auto", "auto: continue from the latest checkpoint in output_dir; never; or a path")
     seed: int = opt(0, "seed")
-    bf16: bool = opt(False, "bf16 mixed precision (GPU)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward")
     threads: int = opt(0, "torch threads (0 = default)")
 

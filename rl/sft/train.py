@@ -16,7 +16,7 @@ import torch
 from datasets import Dataset
 
 from data.loading import DataError
-from data.prompts import build_messages
+from data.prompts import build_messages, build_prompt
 from rl.config import resolve_model_path, to_dict
 from rl.sft.config import SFTDataConfig, SFTStageConfig
 
@@ -40,9 +40,16 @@ def sft_dataset(dc: SFTDataConfig) -> Dataset:
         target = r.get(dc.completion_field)
         if not isinstance(target, str) or not target.strip():
             raise DataError(f"{origin}: row {i}: missing required field {dc.completion_field!r}")
-        out.append({"prompt": build_messages(str(r["problem"])),
-                    "completion": [{"role": "assistant", "content": target}]})
+        out.append(sft_row(str(r["problem"]), target, dc.template))
     return Dataset.from_list(out)
+
+
+def sft_row(problem: str, target: str, template: str) -> dict[str, Any]:
+    """One prompt-completion row: conversational for the chat template (TRL applies the tokenizer's template),
+    plain strings rendered by `build_prompt` for r1_zero / plain (the same text GRPO and evaluation use)."""
+    if template == "chat":
+        return {"prompt": build_messages(problem), "completion": [{"role": "assistant", "content": target}]}
+    return {"prompt": build_prompt(problem, template=template), "completion": target}
 
 
 def _trainer_cls():
@@ -97,11 +104,12 @@ def run_sft(cfg: SFTStageConfig, callbacks: list | None = None) -> dict[str, Any
         per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr,
         lr_scheduler_type="constant" if t.lr_schedule == "multistep" else t.lr_schedule, warmup_steps=t.warmup_ratio,  # transformers >= 5: a float < 1 is a ratio
         weight_decay=t.weight_decay, logging_steps=t.logging_steps, save_strategy="steps" if t.save_steps else "no",
-        save_steps=t.save_steps or 500, save_total_limit=2, seed=t.seed, data_seed=t.seed, bf16=t.bf16,
+        save_steps=t.save_steps or 500, save_total_limit=2, seed=t.seed, data_seed=t.seed,
+        bf16=cfg.model.dtype == "bfloat16",  # autocast compute, fp32 master weights (as in GRPO)
         packing=t.packing, max_length=cfg.data.max_length, completion_only_loss=True, report_to=["tensorboard"],
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
         gradient_checkpointing=t.gradient_checkpointing, disable_tqdm=False,
-        model_init_kwargs={"dtype": torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32},
+        model_init_kwargs={"dtype": torch.float32},
     )
     peft_config = None
     if cfg.lora.enabled:

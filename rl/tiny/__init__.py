@@ -16,9 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rl.tiny.models import TinyModelSpec, build_model
-from rl.tiny.tokenizer import corpus_extra, train_tokenizer
+from rl.tiny.tokenizer import corpus_extra, pad_tokenizer, train_tokenizer
 
-FACTORY_VERSION = 1  # bump when the build recipe changes, to invalidate caches
+FACTORY_VERSION = 1
+
+# Real models' dimensions (random init), for measuring memory and speed at the sizes users run.
+SHAPES = {
+    "qwen2.5-0.5b": dict(hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864,
+                         vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0,
+                         max_position_embeddings=32768, dtype="bfloat16"),
+    "qwen2.5-1.5b": dict(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2, intermediate_size=8960,
+                         vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0,
+                         max_position_embeddings=32768, dtype="bfloat16"),
+}  # bump when the build recipe changes, to invalidate caches
 
 
 def cache_root() -> Path:
@@ -72,9 +82,19 @@ def build_tiny_model(spec: TinyModelSpec | None = None, tokenizer_dir: str | Pat
     """Cached path of a tiny model (HF format, with its tokenizer). spec_kw override TinyModelSpec fields."""
     spec = spec or TinyModelSpec(**spec_kw)
     tokenizer_dir = Path(tokenizer_dir or build_tokenizer())
+    if spec.vocab_size:
+        tokenizer_dir = padded_tokenizer(tokenizer_dir, spec.vocab_size)
     tok_hash = hashlib.sha256((tokenizer_dir / "tokenizer.json").read_bytes()).hexdigest()[:16]
     payload = {"spec": spec.to_dict(), "tokenizer": tok_hash}
     return _cached_build(f"model-{spec.arch}", payload, lambda d: build_model(spec, tokenizer_dir, d))
+
+
+def padded_tokenizer(tokenizer_dir: str | Path, vocab_size: int) -> Path:
+    """Cached copy of a tokenizer padded with unused filler tokens up to vocab_size (see pad_tokenizer)."""
+    src = Path(tokenizer_dir)
+    digest = hashlib.sha256((src / "tokenizer.json").read_bytes()).hexdigest()[:16]
+    return _cached_build("tokenizer-padded", {"source": digest, "vocab_size": vocab_size},
+                         lambda d: pad_tokenizer(src, d, vocab_size))
 
 
 @dataclass(frozen=True)
@@ -91,4 +111,4 @@ def build_tiny(**spec_kw) -> TinyArtifacts:
                          build_tiny_model(TinyModelSpec(arch="llama", **spec_kw), tok))
 
 
-__all__ = ["TinyModelSpec", "TinyArtifacts", "build_tokenizer", "build_tiny_model", "build_tiny", "cache_root"]
+__all__ = ["SHAPES", "TinyModelSpec", "TinyArtifacts", "build_tokenizer", "build_tiny_model", "build_tiny", "cache_root"]

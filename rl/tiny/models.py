@@ -21,6 +21,9 @@ class TinyModelSpec:
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
     seed: int = 0
+    vocab_size: int = 0               # 0: the tokenizer's size; larger (e.g. Qwen2.5's 151,936) pads the tokenizer
+    dtype: str = "float32"            # dtype of the saved weights ("bfloat16" halves big random models on disk)
+    rope_theta: float = 10000.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -37,12 +40,12 @@ def make_config(spec: TinyModelSpec, tokenizer):
     if spec.hidden_size % spec.num_heads:
         raise ValueError(f"hidden_size {spec.hidden_size} not divisible by num_heads {spec.num_heads}")
     common = dict(
-        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
+        vocab_size=max(len(tokenizer), spec.vocab_size), hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
         num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
         intermediate_size=spec.intermediate_size, max_position_embeddings=spec.max_position_embeddings,
         tie_word_embeddings=spec.tie_word_embeddings, initializer_range=spec.initializer_range,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.eos_token_id, dtype="float32", rope_theta=10000.0,
+        bos_token_id=tokenizer.eos_token_id, dtype=spec.dtype, rope_theta=spec.rope_theta,
     )
     return Qwen2Config(**common) if spec.arch == "qwen2" else LlamaConfig(**common)
 
@@ -54,7 +57,9 @@ def build_model(spec: TinyModelSpec, tokenizer_dir: str | Path, out_dir: str | P
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     torch.manual_seed(spec.seed)
-    model = AutoModelForCausalLM.from_config(make_config(spec, tok), dtype=torch.float32)
+    if spec.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"tiny model dtype {spec.dtype!r}: use float32 or bfloat16")
+    model = AutoModelForCausalLM.from_config(make_config(spec, tok), dtype=getattr(torch, spec.dtype))
     model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                                bos_token_id=tok.eos_token_id)
     out = Path(out_dir)

@@ -59,3 +59,36 @@ def train_tokenizer(corpus: Iterable[str], out_dir: str | Path, *, vocab_size: i
     out = Path(out_dir)
     fast.save_pretrained(out)
     return out
+
+
+FILLER = "<|r1lab_unused_{}|>"
+
+
+def pad_tokenizer(src_dir: str | Path, out_dir: str | Path, vocab_size: int) -> Path:
+    """Copy of the tokenizer whose ids cover 0..vocab_size-1: filler entries are added to the BPE vocabulary.
+
+    No merge produces them, so encoding is unchanged; each decodes to its own text, so a randomly initialised
+    model with a real vocabulary size (Qwen2.5: 151,936) can sample any id and vLLM can detokenize it."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    src, out = Path(src_dir), Path(out_dir)
+    have = len(AutoTokenizer.from_pretrained(str(src)))
+    if vocab_size < have:
+        raise ValueError(f"vocab_size {vocab_size} is below the tokenizer's {have} tokens")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copy(f, out / f.name)
+    spec = json.loads((src / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    for t in spec.get("added_tokens", []):  # else `tokenizers` re-numbers them after the (now larger) vocab
+        vocab.setdefault(t["content"], t["id"])
+    used = set(vocab.values())
+    for i in range(vocab_size):
+        if i not in used:
+            vocab[FILLER.format(i)] = i
+    (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    return out

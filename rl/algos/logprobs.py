@@ -1,0 +1,126 @@
+"""Memory-bounded token log-probs and entropy straight from hidden states.
+
+What it computes: for N scored positions with final hidden states h [N, H], the output embedding W [V, H] (the
+LM head), target tokens y [N] and a sampling temperature T,
+    z      = (h @ W^T) / T                     logits of the sampling distribution      [N, V]
+    logp_n = z[n, y_n] - logsumexp(z[n])       log-prob of the sampled token            [N]
+    ent_n  = logsumexp(z[n]) - sum_v p[n,v] z[n,v]   entropy of the next-token distribution  [N]
+with exactly the gradients of the obvious implementation (`reference_token_logprobs`), but without ever holding
+the [N, V] logits: the forward runs over chunks of rows and keeps only h and the per-row logsumexp; the
+backward recomputes each chunk's logits. Peak extra memory is one chunk of fp32 logits (chunk x V x 4 bytes)
+instead of several fp32 copies of all of them (at N = 16k and V = 151,936 that is ~10 GB per copy).
+
+Numerics: the matmul runs in the dtype of h and W (bf16 under mixed precision, like the model's own LM head),
+softmax/logsumexp in fp32, and the gradient of W is accumulated over chunks in fp32, then cast once.
+Differences from peers: like Liger's fused linear cross-entropy this never materialises the logits, but it
+returns per-token log-probs and entropies (what PPO/GRPO losses need), not a reduced loss, so any loss can be
+built on top; gradients arrive through autograd as usual.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_CHUNK = 0               # 0: rows per chunk so that one fp32 chunk of logits is ~CHUNK_BYTES
+CHUNK_BYTES = 64 << 20
+
+
+def _chunk_logits(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    return F.linear(h, w, bias).float() / temperature
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, bias, targets, temperature: float, chunk: int, with_entropy: bool):
+        n = h.shape[0]
+        logp = torch.empty(n, dtype=torch.float32, device=h.device)
+        lse = torch.empty(n, dtype=torch.float32, device=h.device)
+        ent = torch.empty(n, dtype=torch.float32, device=h.device) if with_entropy else None
+        for s in range(0, n, chunk):
+            z = _chunk_logits(h[s:s + chunk], w, bias, temperature)
+            l_ = torch.logsumexp(z, dim=-1)
+            lse[s:s + chunk] = l_
+            logp[s:s + chunk] = z.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - l_
+            if ent is not None:
+                ent[s:s + chunk] = l_ - (torch.exp(z - l_[:, None]) * z).sum(-1)
+            del z
+        ctx.save_for_backward(h, w, bias, targets, lse)
+        ctx.temperature, ctx.chunk, ctx.with_entropy = temperature, chunk, with_entropy
+        if ent is None:
+            ent = torch.zeros(0, dtype=torch.float32, device=h.device)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        h, w, bias, targets, lse = ctx.saved_tensors
+        T, chunk = ctx.temperature, ctx.chunk
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
+        use_ent = ctx.with_entropy and g_ent is not None and g_ent.numel() > 0
+        for s in range(0, h.shape[0], chunk):
+            hs, gl = h[s:s + chunk], g_logp[s:s + chunk, None]
+            z = _chunk_logits(hs, w, bias, T)
+            if use_ent:
+                # d logp/dz = onehot(y) - p ;  d ent/dz = -p * (z - E_p[z])
+                p = torch.exp(z - lse[s:s + chunk, None])
+                mean_z = (p * z).sum(-1, keepdim=True)
+                gz = z.sub_(mean_z).mul_(g_ent[s:s + chunk, None]).add_(gl).mul_(p).neg_()
+                del p
+            else:
+                gz = z.sub_(lse[s:s + chunk, None]).exp_().mul_(-gl)   # in place: one chunk buffer
+            gz.scatter_add_(-1, targets[s:s + chunk, None], gl)
+            gz.div_(T)  # z = logits / T
+            if need_b:
+                grad_b += gz.sum(0)
+            gz = gz.to(h.dtype)
+            if need_h:
+                grad_h[s:s + chunk] = gz @ w
+            if need_w:
+                if gz.dtype == torch.float32:
+                    grad_w.addmm_(gz.t(), hs)
+                else:
+                    grad_w += (gz.t() @ hs).float()
+            del gz, z
+        return (grad_h, grad_w.to(w.dtype) if need_w else None, grad_b.to(bias.dtype) if need_b else None,
+                None, None, None, None)
+
+
+def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                           temperature: float = 1.0, bias: torch.Tensor | None = None, chunk: int = DEFAULT_CHUNK,
+                           with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """hidden [N, H], weight [V, H] (bias [V]), targets [N] -> (logp [N] fp32, entropy [N] fp32 or None).
+
+    Differentiable in hidden, weight and bias (through the entropy too when with_entropy). Rows are
+    processed `chunk` at a time (0: about CHUNK_BYTES of fp32 logits per chunk): peak extra memory is a few
+    chunks plus an fp32 gradient accumulator for the weight, forward and backward."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets must be [N] = [{hidden.shape[0]}], got {tuple(targets.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk <= 0:
+        chunk = max(16, CHUNK_BYTES // (4 * weight.shape[0]))
+    logp, ent = _ChunkedLogprobs.apply(hidden, weight, bias, targets.long(), float(temperature),
+                                       int(chunk), bool(with_entropy))
+    return logp, (ent if with_entropy else None)
+
+
+def reference_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                             temperature: float = 1.0, bias: torch.Tensor | None = None,
+                             with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The obvious implementation (full [N, V] fp32 logits), for tests and the memory benchmark."""
+    z = F.linear(hidden, weight, bias).float() / temperature
+    logp_all = torch.log_softmax(z, dim=-1)
+    logp = logp_all.gather(-1, targets[:, None].long()).squeeze(-1)
+    ent = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    return logp, ent
+
+
+def scatter_positions(values: torch.Tensor, positions: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """values [N] at (row, col) `positions` [N, 2] -> dense [B, L] (0 elsewhere), differentiable in values."""
+    out = values.new_zeros(shape)
+    return out.index_put((positions[:, 0], positions[:, 1]), values)

@@ -1,0 +1,162 @@
+"""How weight buckets travel from trainer rank 0 to the rollout engines.
+
+A transport has a writer side (trainer rank 0: `send` each bucket, then `finish`) and a reader side (each
+rollout engine: `receive` yields (name, tensor) as buckets arrive). Writer and readers run at the same time
+(the driver calls both and waits for both): the engine loads bucket k while the trainers gather bucket k+1, and
+the writer never gets more than `max_inflight` buckets ahead of the slowest reader, so the memory a sync needs
+is a couple of buckets, not the model. New transports (NCCL broadcast, CUDA IPC handles) implement the same
+four methods and register in `TRANSPORTS`; `sync.method` picks one.
+
+`FileTransport` (sync.method=file): safetensors files in `sync.dir` (a RAM disk such as /dev/shm on one node; a
+shared file system across nodes). Each bucket is written to a temporary name and renamed, so a reader never
+sees half a file; each reader marks the buckets it has loaded; the writer deletes a bucket once every reader has
+it, and removes the run's directory when it closes. A directory left by a run that was killed is swept by the
+next writer that starts on the same host (its owner process is gone).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+PREFIX = "r1lab-sync-"
+
+
+class SyncError(RuntimeError):
+    """A weight transfer failed or timed out; the message says which side waited for what."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(root: str | Path) -> list[str]:
+    """Remove sync directories under `root` whose writer process (on this host) no longer exists."""
+    removed = []
+    host = socket.gethostname()
+    for d in Path(root).glob(PREFIX + "*"):
+        owner = d / "owner.json"
+        try:
+            info = json.loads(owner.read_text())
+        except (OSError, ValueError):
+            # no owner file: a writer that died between mkdir and writing it, or foreign; only if old
+            if time.time() - d.stat().st_mtime < 60:
+                continue
+            info = {"host": host, "pid": -1}
+        if info.get("host") == host and not _pid_alive(int(info.get("pid", -1))):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(str(d))
+    return removed
+
+
+class FileTransport:
+    """Buckets as safetensors files in a directory that the writer and every reader can see."""
+    kind = "file"
+
+    def __init__(self, root: str, run_id: str, readers: int, *, timeout_s: float = 300.0, max_inflight: int = 2):
+        self.root, self.run_id, self.readers = Path(root), run_id, readers
+        self.dir = self.root / f"{PREFIX}{run_id}"
+        self.timeout_s, self.max_inflight = timeout_s, max(1, max_inflight)
+
+    def spec(self) -> dict:
+        """What a reader in another process needs to build its side (plain data: crosses Ray and RPCs)."""
+        return {"kind": self.kind, "root": str(self.root), "run_id": self.run_id, "readers": self.readers,
+                "timeout_s": self.timeout_s, "max_inflight": self.max_inflight}
+
+    # ------------------------------------------------------------------------------------------ writer
+    def open_writer(self) -> list[str]:
+        """Create the run's directory (owned by this process); sweep directories of dead runs first."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        swept = sweep_stale(self.root)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "owner.json").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+        return swept
+
+    def _bucket(self, version: int, k: int) -> Path:
+        return self.dir / f"v{version:06d}-b{k:05d}.safetensors"
+
+    def send(self, version: int, k: int, bucket: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        if k == 0:  # the previous version's end marker: every reader has finished with that version
+            (self.dir / f"v{version - 1:06d}.end").unlink(missing_ok=True)
+        if k >= self.max_inflight:
+            self._wait_consumed(version, k - self.max_inflight)
+        path = self._bucket(version, k)
+        tmp = path.with_suffix(".tmp")
+        save_file(bucket, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path)
+
+    def finish(self, version: int, count: int) -> None:
+        """All buckets sent: tell the readers how many, wait until each has loaded all, delete them. The end
+        marker stays until the next version starts (a reader may look for it after marking its last bucket)."""
+        end = self.dir / f"v{version:06d}.end"
+        tmp = end.with_suffix(".tmp")
+        tmp.write_text(str(count))
+        os.replace(tmp, end)  # atomic: a reader never reads a half-written count
+        for k in range(max(0, count - self.max_inflight), count):
+            self._wait_consumed(version, k)
+
+    def _wait_consumed(self, version: int, k: int) -> None:
+        path = self._bucket(version, k)
+        marks = [path.with_name(path.name + f".r{j}") for j in range(self.readers)]
+        deadline = time.monotonic() + self.timeout_s
+        while not all(m.exists() for m in marks):
+            if time.monotonic() > deadline:
+                missing = [j for j, m in enumerate(marks) if not m.exists()]
+                raise SyncError(f"weight sync v{version}: rollout reader(s) {missing} did not load bucket {k} "
+                                f"within sync.timeout_s={self.timeout_s}s ({path})")
+            time.sleep(0.002)
+        path.unlink(missing_ok=True)
+        for m in marks:
+            m.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------ reader
+    def receive(self, version: int, reader: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield every tensor of version `version`, bucket by bucket, as the writer produces them."""
+        from safetensors import safe_open
+
+        k = 0
+        end = self.dir / f"v{version:06d}.end"
+        while True:
+            path = self._bucket(version, k)
+            deadline = time.monotonic() + self.timeout_s
+            while not path.exists():
+                if end.exists() and k >= int(end.read_text() or 0):
+                    return
+                if time.monotonic() > deadline:
+                    raise SyncError(f"weight sync v{version}: reader {reader} waited {self.timeout_s}s for bucket "
+                                    f"{k} in {self.dir} (is sync.dir visible to the trainer's node?)")
+                time.sleep(0.002)
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+            path.with_name(path.name + f".r{reader}").touch()
+            k += 1
+
+
+TRANSPORTS = {"file": FileTransport}
+
+
+def make_transport(spec: dict) -> FileTransport:
+    """Rebuild a transport from its `spec()` (in the reader's process)."""
+    spec = dict(spec)
+    kind = spec.pop("kind")
+    if kind not in TRANSPORTS:
+        raise SyncError(f"unknown weight-sync transport {kind!r}; known: {sorted(TRANSPORTS)}")
+    return TRANSPORTS[kind](spec.pop("root"), spec.pop("run_id"), spec.pop("readers"), **spec)

@@ -1,0 +1,119 @@
+"""The trainer worker without Ray: in-process (one gloo rank) and under torchrun (several ranks)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from rl.config import load_config
+from rl.grpo.config import GRPOConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _worker(cfg, model_path, base_path=None, sync_spec=None):
+    from rl.grpo.trainer_worker import TrainerWorker
+
+    return TrainerWorker(0, 1, "127.0.0.1", _port(), cfg, str(model_path), str(base_path or model_path), sync_spec)
+
+
+def _batch(worker, tokens=256):
+    sys.path.insert(0, str(REPO / "launch"))
+    from train_step import synthetic_shard
+
+    b = synthetic_shard(worker.model.hf.config.vocab_size, 0, tokens, 16, 24, 12, 0.5, seed=0)
+    b["rollout_logp"] = worker.compute_logprobs(b)["old_logp"]
+    return b
+
+
+def test_kl_reference_is_the_base_model_also_when_starting_from_a_checkpoint(tiny, tiny_sft):
+    """A resumed run starts the policy from its checkpoint, but the KL reference must stay the base model
+    (it used to be loaded from the checkpoint, i.e. the current policy, so the KL was ~0 after a resume)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", ["algo.kl_coef=0.01", "trainer.threads=1"])
+    resumed_from, base = tiny_sft[0], tiny.qwen2
+    w = _worker(cfg, resumed_from, base)
+    try:
+        def same(model, path):
+            ref = AutoModelForCausalLM.from_pretrained(path).state_dict()
+            got = {k[len("lm."):]: (v.full_tensor() if hasattr(v, "full_tensor") else v)
+                   for k, v in model.state_dict().items()}
+            return all(torch.equal(got[k].float(), ref[k].float()) for k in ref if k in got)
+        assert same(w.ref, base) and not same(w.ref, resumed_from)
+        assert same(w.model, resumed_from)
+    finally:
+        w.shutdown()
+
+
+def test_bf16_compute_updates_fp32_masters_and_pushes_their_bf16_cast(tiny, tmp_path):
+    """model.dtype=bfloat16 at lr 1e-6: the fp32 master weights change (bf16 weights would round the update
+    away), and the engine is sent exactly the bf16 cast of the masters, bucket by bucket."""
+    from rl.grpo.sync import FileTransport
+
+    cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", ["model.dtype=bfloat16", "trainer.lr=1e-6",
+                                                             "trainer.threads=1", "trainer.grad_clip=0"])
+    transport = FileTransport(str(tmp_path / "shm"), "test", readers=1, timeout_s=60)
+    w = _worker(cfg, tiny.qwen2, sync_spec=transport.spec())
+    try:
+        batch = _batch(w)
+        before = w.state_sums()
+        for _ in range(2):
+            batch["old_logp"] = w.compute_logprobs(batch)["old_logp"]
+            w.update(batch)
+        after = w.state_sums()
+        params = [k for k in before if k.startswith("param:")]
+        assert all(p.dtype == torch.float32 for p in w.model.parameters())
+        changed = [k for k in params if after[k] != before[k]]
+        assert len(changed) == len(params), sorted(set(params) - set(changed))
+        received = {}
+        reader = threading.Thread(target=lambda: received.update(dict(transport.receive(7, 0))))
+        reader.start()
+        sent = w.push_weights(version=7, bucket_mb=0.1, checksum=True)
+        reader.join(timeout=60)
+        assert sent["buckets"] > 1 and set(received) == set(sent["sums"])
+        masters = {k[len("lm."):]: p.full_tensor() if hasattr(p, "full_tensor") else p
+                   for k, p in w.model.named_parameters()}
+        for name, t in received.items():
+            assert t.dtype == torch.bfloat16, name
+            assert torch.equal(t, masters[name].detach().to(torch.bfloat16)), name
+            assert float(t.double().sum()) == sent["sums"][name]
+        assert not list((tmp_path / "shm" / "r1lab-sync-test").glob("*.safetensors"))  # writer cleaned up
+    finally:
+        w.shutdown()
+    assert not (tmp_path / "shm" / "r1lab-sync-test").exists()
+
+
+def _torchrun(nproc: int, args: list[str], tmp_path: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(_port()), "launch/train_step.py", "--response-tokens", "256", "--steps", "1", "--warmup", "0",
+           *args, "trainer.threads=1", f"log.output_dir={tmp_path}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads([x for x in out.stdout.splitlines() if x.startswith("{")][-1])
+
+
+def test_torchrun_training_step_and_sharded_checkpoints_across_world_sizes(tmp_path):
+    """Under torchrun (no Ray): a training step on 2 ranks, a DCP checkpoint restored exactly on 1 rank
+    (2 -> 1) and that rank's checkpoint restored exactly on 2 ranks (1 -> 2): weights, AdamW moments, step."""
+    a = _torchrun(2, ["--save", str(tmp_path / "c2")], tmp_path)
+    assert a["world"] == 2 and a["grad_norm"] > 0 and a["train_tokens_per_s"] > 0
+    assert sorted(p.name for p in (tmp_path / "c2" / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    b = _torchrun(1, ["--load", str(tmp_path / "c2"), "--save", str(tmp_path / "c1")], tmp_path)
+    assert b["restored_max_rel_diff"] == 0.0 and b["restored_keys"] > 10 and b["loaded_step"] == 1
+    c = _torchrun(2, ["--load", str(tmp_path / "c1")], tmp_path)
+    assert c["restored_max_rel_diff"] == 0.0 and c["loaded_step"] == 2
