@@ -125,6 +125,8 @@ class TrainerConfig:
     seed: int = opt(0, "global seed")
     threads: int = opt(0, "torch threads per trainer worker (0 = auto)")
     backend: str = opt("auto", "torch.distributed backend", choices=["auto", "gloo", "nccl"])
+    peak_tflops: float = opt(0.0, "per-device dense peak in TFLOP/s (H100 bf16: 989) for the perf/mfu metric "
+                                  "(6 x params x trained tokens / update time / peak); 0 = no MFU")
 
     def validate(self) -> None:
         require(self.num_workers >= 1, "trainer.num_workers", "must be >= 1")

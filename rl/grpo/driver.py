@@ -112,6 +112,7 @@ class GRPODriver:
         self.model_path = resolve_model_path(cfg.model.path)
         self.tok = AutoTokenizer.from_pretrained(self.model_path)
         self.pad_id = pad_id_of(self.tok)
+        self.peak_flops = cfg.trainer.peak_tflops * 1e12
         if cfg.algo.distill_teacher:  # before Ray starts: a wrong teacher is a config error, not a crash later
             cfg.algo.distill_teacher = check_model_path(cfg.algo.distill_teacher, "algo.distill_teacher")
             check_same_tokenizer(self.model_path, cfg.algo.distill_teacher)
@@ -290,6 +291,8 @@ class GRPODriver:
                     "perf/sync_s": t_sync, "perf/idle_s": max(0.0, step_s - busy), "perf/step_s": step_s,
                     "perf/tokens_per_s": float(batch["attention_mask"].sum()) / max(1e-9, step_s),
                     "perf/train_s": t_lp + t_up, **self._cursor_metrics()})
+        if "perf/train_flops" in out and self.peak_flops:
+            out["perf/mfu"] = out["perf/train_flops"] / max(1e-9, t_up) / (self.peak_flops * len(self.trainers))
         out.setdefault("actor/kl", 0.0)
         return out
 
@@ -452,6 +455,12 @@ class GRPODriver:
         finally:
             mlog.close()
             self.close()
+            try:
+                from rl.grpo.plots import plot_timing
+
+                plot_timing(self.out / "metrics.jsonl", self.out / "timing.png")
+            except Exception as e:  # a plot must never hide the run's own outcome
+                log.warning("could not plot the time breakdown: %s", e)
 
     def close(self) -> None:
         import ray

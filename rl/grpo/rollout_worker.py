@@ -93,6 +93,12 @@ class RolloutWorker:
     def engine_param_sums(self) -> dict[str, float]:
         return self.llm.collective_rpc("r1lab_param_sums")[0]
 
+    def peak_rss_mb(self) -> dict[str, float]:
+        """Peak/current RSS of this actor (the engine runs in it on CPU: make_llm(in_process=True))."""
+        from rl.grpo.trainer_worker import process_memory_mb
+
+        return process_memory_mb()
+
     def sleep(self) -> None:
         """Colocated on a GPU: free the KV cache and offload weights while the trainer uses the device."""
         self.llm.sleep(level=1)

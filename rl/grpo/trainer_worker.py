@@ -79,6 +79,7 @@ class TrainerWorker:
                                        betas=tuple(tc.betas), weight_decay=tc.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.optim, lr_lambda(cfg))
         self.terms = LossTerms.from_algo(cfg.algo)
+        self.n_params = sum(p.numel() for p in self.model.parameters())   # DTensor numel: the global count
         self.transport = None
         if sync_spec is not None and rank == 0:
             from rl.grpo.sync import make_transport
@@ -168,6 +169,9 @@ class TrainerWorker:
         out["actor/lr"] = self.sched.get_last_lr()[0]
         out["perf/update_s"] = time.perf_counter() - t0
         out["perf/padding_frac"] = 1.0 - real_g / padded_g if padded_g else 0.0
+        # model FLOPs of the update (forward + backward = 6 x params per token, padding excluded, every epoch
+        # and rank)
+        out["perf/train_flops"] = 6.0 * self.n_params * real_g
         return out
 
     def _mini_batch(self, batch: Batch, rows: list[int], sums: dict[str, float]) -> tuple[int, int]:
@@ -308,11 +312,24 @@ class TrainerWorker:
         return {"rank": self.rank, "device": str(self.device), "node_ip": _node_ip(), "node_id": _node_id(),
                 "params": sum(p.numel() for p in self.model.parameters()), "swept": getattr(self, "swept", [])}
 
+    def peak_rss_mb(self) -> dict[str, float]:
+        """This process's peak resident memory (VmHWM) and current RSS, in MB."""
+        return process_memory_mb()
+
     def shutdown(self) -> None:
         if self.transport is not None:   # the writer removes what it wrote, on its own node
             self.transport.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def process_memory_mb() -> dict[str, float]:
+    out = {}
+    for line in open("/proc/self/status"):
+        for key in ("VmHWM", "VmRSS"):
+            if line.startswith(key + ":"):
+                out[key] = int(line.split()[1]) / 1024
+    return {"peak_mb": out.get("VmHWM", 0.0), "rss_mb": out.get("VmRSS", 0.0), "pid": os.getpid()}
 
 
 def _node_id() -> str | None:

@@ -8,8 +8,13 @@ from rl.config import ModelConfig, opt, require
 
 @dataclass
 class SFTDataConfig:
-    """Training traces: prompt from `problem`, target from `completion_field`."""
-    source: str = opt("synthetic:chain_sum", "JSONL/Parquet path, hub id, or synthetic:<task> (worked traces)")
+    """Training traces: prompt from `problem`, target from `completion_field`; or plain text (pretraining)."""
+    source: str = opt("synthetic:chain_sum", "JSONL/Parquet path, hub id, synthetic:<task> (worked traces), or "
+                                             "pretrain:arithmetic (a base model's pretraining text, data.pretrain)")
+    format: str = opt("prompt_completion", "prompt_completion: loss on the completion of each row; text: plain "
+                                          "next-token training on whole documents (pretraining a base model)",
+                      choices=["prompt_completion", "text"])
+    text_field: str = opt("text", "format=text: the field holding each document")
     split: str = opt("train", "split to read")
     field_map: dict = opt({}, "rename fields, e.g. {problem: question, solution: response}")
     completion_field: str = opt("solution", "field holding the target completion (reasoning + answer)")
@@ -24,6 +29,8 @@ class SFTDataConfig:
     def validate(self) -> None:
         require(self.num_train > 0, "data.num_train", "must be > 0")
         require(self.max_length >= 16, "data.max_length", "must be >= 16")
+        require(not self.source.startswith("pretrain:") or self.format == "text", "data.format",
+                f"data.source={self.source} is pretraining text: set data.format=text")
 
 
 @dataclass

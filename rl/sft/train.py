@@ -21,8 +21,11 @@ from rl.config import resolve_model_path, to_dict
 from rl.sft.config import SFTDataConfig, SFTStageConfig
 
 
-def sft_dataset(dc: SFTDataConfig) -> Dataset:
-    """Prompt-completion rows in TRL's conversational format; a row without the fields fails by name."""
+def sft_dataset(dc: SFTDataConfig, model_path: str = "") -> Dataset:
+    """Prompt-completion rows in TRL's conversational format; a row without the fields fails by name.
+    format=text: {"text": document} rows (plain language modelling)."""
+    if dc.format == "text":
+        return text_dataset(dc, model_path)
     if dc.source.startswith("synthetic:"):
         from data.tasks import make_synthetic
 
@@ -42,6 +45,38 @@ def sft_dataset(dc: SFTDataConfig) -> Dataset:
             raise DataError(f"{origin}: row {i}: missing required field {dc.completion_field!r}")
         out.append(sft_row(str(r["problem"]), target, dc.template))
     return Dataset.from_list(out)
+
+
+def text_dataset(dc: SFTDataConfig, model_path: str) -> Dataset:
+    """Documents for plain next-token training: `pretrain:<task>` builds a base model's corpus (data.pretrain;
+    task_knobs: mix, boxed_p), anything else is read from `text_field`."""
+    if dc.source.startswith("pretrain:"):
+        from data.pretrain import base_corpus
+
+        task = dc.source.split(":", 1)[1]
+        if task != "arithmetic":
+            raise DataError(f"data.source={dc.source}: pretraining text exists for: arithmetic")
+        knobs = dict(dc.task_knobs)
+        pack_chars = int(knobs.pop("pack_chars", 0))
+        docs = base_corpus(dc.num_train, dc.seed, **knobs)
+        if pack_chars:
+            from data.pretrain import pack
+            from transformers import AutoTokenizer
+
+            from rl.config import resolve_model_path
+
+            eos = AutoTokenizer.from_pretrained(resolve_model_path(model_path)).eos_token
+            docs = pack(docs, eos, pack_chars)
+        return Dataset.from_list([{"text": d} for d in docs])
+    from data.loading import load_dataset
+
+    ds = load_dataset(dc.source, split=dc.split, field_map=dc.field_map, required=(dc.text_field,), add_prompt=False)
+    rows = []
+    for i, r in enumerate(ds.to_list()):
+        if not isinstance(r.get(dc.text_field), str) or not r[dc.text_field].strip():
+            raise DataError(f"{dc.source}: row {i}: field {dc.text_field!r} must be non-empty text")
+        rows.append({"text": r[dc.text_field]})
+    return Dataset.from_list(rows)
 
 
 def sft_row(problem: str, target: str, template: str) -> dict[str, Any]:
@@ -98,7 +133,7 @@ def run_sft(cfg: SFTStageConfig, callbacks: list | None = None) -> dict[str, Any
     if not Path(model_path).exists() and "/" not in model_path:
         raise FileNotFoundError(f"model.path={cfg.model.path}: no such model directory")
     tok = AutoTokenizer.from_pretrained(model_path)
-    train_ds = sft_dataset(cfg.data)
+    train_ds = sft_dataset(cfg.data, model_path)
     args = SFTConfig(
         output_dir=str(out / "checkpoints"), max_steps=t.max_steps, num_train_epochs=t.epochs,
         per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr,
@@ -106,7 +141,8 @@ def run_sft(cfg: SFTStageConfig, callbacks: list | None = None) -> dict[str, Any
         weight_decay=t.weight_decay, logging_steps=t.logging_steps, save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500, save_total_limit=2, seed=t.seed, data_seed=t.seed,
         bf16=cfg.model.dtype == "bfloat16",  # autocast compute, fp32 master weights (as in GRPO)
-        packing=t.packing, max_length=cfg.data.max_length, completion_only_loss=True, report_to=["tensorboard"],
+        packing=t.packing, max_length=cfg.data.max_length, completion_only_loss=cfg.data.format != "text",
+        dataset_text_field="text", report_to=["tensorboard"],
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
         gradient_checkpointing=t.gradient_checkpointing, disable_tqdm=False,
         model_init_kwargs={"dtype": torch.float32},

@@ -78,10 +78,33 @@ def build_tokenizer(vocab_size: int = 512, n_per_task: int = 2000, seed: int = 0
                          lambda d: train_tokenizer(default_corpus(n_per_task, seed), d, vocab_size=vocab_size))
 
 
+def base_corpus_for_tokenizer(n_docs: int = 4000, seed: int = 0) -> list[str]:
+    """What a base tokenizer is trained on: the base model's pretraining text (data.pretrain) plus plain
+    English (the instruction words a prompt may use); never think tags."""
+    from data.pretrain import base_corpus
+
+    english = ["A conversation between a user and an assistant. The user asks a question, and the assistant "
+               "solves it. The assistant first thinks about the reasoning process in the mind and then "
+               "provides the answer. Please reason step by step, and put your final answer within a box.",
+               "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 + - * / = ( ) [ ] { } , . ? ! : ;"
+               " < > ^ _ $ % # & ' \" \\ | ~ `"]
+    return base_corpus(n_docs, seed) + english * 50
+
+
+def build_base_tokenizer(vocab_size: int = 512, seed: int = 0) -> Path:
+    """Cached path of a base model's tokenizer (no think tokens, no chat template; see train_tokenizer)."""
+    payload = {"vocab_size": vocab_size, "seed": seed, "kind": "base"}
+    return _cached_build("tokenizer-base", payload,
+                         lambda d: train_tokenizer(base_corpus_for_tokenizer(seed=seed), d, vocab_size=vocab_size,
+                                                   base=True))
+
+
 def build_tiny_model(spec: TinyModelSpec | None = None, tokenizer_dir: str | Path | None = None, **spec_kw) -> Path:
     """Cached path of a tiny model (HF format, with its tokenizer). spec_kw override TinyModelSpec fields."""
     spec = spec or TinyModelSpec(**spec_kw)
-    tokenizer_dir = Path(tokenizer_dir or build_tokenizer())
+    if tokenizer_dir is None:
+        tokenizer_dir = build_base_tokenizer() if spec.tokenizer == "base" else build_tokenizer()
+    tokenizer_dir = Path(tokenizer_dir)
     if spec.vocab_size:
         tokenizer_dir = padded_tokenizer(tokenizer_dir, spec.vocab_size)
     tok_hash = hashlib.sha256((tokenizer_dir / "tokenizer.json").read_bytes()).hexdigest()[:16]
@@ -111,4 +134,4 @@ def build_tiny(**spec_kw) -> TinyArtifacts:
                          build_tiny_model(TinyModelSpec(arch="llama", **spec_kw), tok))
 
 
-__all__ = ["SHAPES", "TinyModelSpec", "TinyArtifacts", "build_tokenizer", "build_tiny_model", "build_tiny", "cache_root"]
+__all__ = ["SHAPES", "TinyModelSpec", "build_base_tokenizer", "TinyArtifacts", "build_tokenizer", "build_tiny_model", "build_tiny", "cache_root"]

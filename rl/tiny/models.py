@@ -24,6 +24,8 @@ class TinyModelSpec:
     vocab_size: int = 0               # 0: the tokenizer's size; larger (e.g. Qwen2.5's 151,936) pads the tokenizer
     dtype: str = "float32"            # dtype of the saved weights ("bfloat16" halves big random models on disk)
     rope_theta: float = 10000.0
+    tokenizer: str = "r1"             # "r1": the task tokenizer (think tokens, chat template); "base": a base
+                                      # model's (no think tokens, no chat template; rl.tiny.build_base_tokenizer)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -35,8 +35,12 @@ def corpus_extra() -> list[str]:
 
 
 def train_tokenizer(corpus: Iterable[str], out_dir: str | Path, *, vocab_size: int = 512,
-                    model_max_length: int = 2048) -> Path:
-    """Train and save (HF format: tokenizer.json + tokenizer_config.json) into out_dir."""
+                    model_max_length: int = 2048, base: bool = False) -> Path:
+    """Train and save (HF format: tokenizer.json + tokenizer_config.json) into out_dir.
+
+    base=True: a *base model's* tokenizer, as Qwen2.5's base tokenizer has no think tokens: `<think>` and
+    `</think>` are not single tokens (text spells them in BPE pieces), there is no chat template, and the end
+    of a document is the end-of-text token."""
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
@@ -51,11 +55,12 @@ def train_tokenizer(corpus: Iterable[str], out_dir: str | Path, *, vocab_size: i
     )
     tok.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS_CHAT, pad_token=PAD, bos_token=None, unk_token=None,
+        tokenizer_object=tok, eos_token=PAD if base else EOS_CHAT, pad_token=PAD, bos_token=None, unk_token=None,
         model_max_length=model_max_length, clean_up_tokenization_spaces=False,
     )
-    fast.add_tokens(THINK_TOKENS, special_tokens=False)
-    fast.chat_template = CHAT_TEMPLATE
+    if not base:
+        fast.add_tokens(THINK_TOKENS, special_tokens=False)
+        fast.chat_template = CHAT_TEMPLATE
     out = Path(out_dir)
     fast.save_pretrained(out)
     return out

@@ -1,0 +1,71 @@
+"""One GRPO step end to end at Qwen2.5-0.5B's shape (slow; not in `make test`).
+
+The model: `tiny:qwen2:shape=qwen2.5-0.5b` (hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate 4864,
+vocab 151,936, tied embeddings; random init, bf16 on disk; the local tokenizer padded with unused tokens so
+every sampled id decodes). The run: Ray (local), one vLLM CPU rollout worker (bf16), two FSDP2 trainer ranks
+(fp32 masters, bf16 compute), weight sync checked by checksums, 4 prompts x 4 samples x 64 new tokens.
+Step 1 includes first-call warm-ups; step 2 is the steady-state number. Prints each step's time breakdown
+and the peak RSS of every process (driver, trainer ranks, rollout worker with its in-process engine).
+
+  .venv/bin/python bench/bench_real_shape.py [--steps 2] [--new-tokens 64]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    a = ap.parse_args()
+    os.environ.setdefault("R1LAB_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "r1lab"))
+    import ray
+
+    from rl.config import load_config
+    from rl.grpo.config import GRPOConfig
+    from rl.grpo.driver import GRPODriver
+    from rl.grpo.trainer_worker import process_memory_mb
+
+    out = Path(tempfile.mkdtemp(prefix="r1lab-real-shape-"))
+    cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", [
+        "model.path=tiny:qwen2:shape=qwen2.5-0.5b", "model.dtype=bfloat16", "data.max_prompt_tokens=512",
+        "rollout.batch_prompts=4", "rollout.n=4", f"rollout.max_new_tokens={a.new_tokens}", "rollout.max_model_len=1024",
+        "rollout.kv_cache_gb=1", "rollout.enforce_eager=false", "trainer.micro_batch_tokens=2048", "trainer.threads=1",
+        "trainer.lr=1e-6", "sync.checksum_every=1", "sync.bucket_mb=256", "checkpoint.every=0", "log.progress=false",
+        f"log.output_dir={out}", "resources.ray_address=local", f"trainer.max_steps={a.steps}"])
+    d = GRPODriver(cfg)
+    d.start()
+    rows = []
+    try:
+        for _ in range(a.steps):
+            rows.append(d.train_step())
+            d.step += 1
+        mem = {f"trainer rank {i}": m for i, m in enumerate(ray.get([w.peak_rss_mb.remote() for w in d.trainers]))}
+        mem.update({f"rollout worker {i}": m for i, m in enumerate(ray.get([w.peak_rss_mb.remote() for w in d.rollouts]))})
+        mem["driver"] = process_memory_mb()
+    finally:
+        d.close()
+    keys = ["perf/step_s", "perf/rollout_s", "perf/gen_s", "perf/reward_s", "perf/logprobs_s", "perf/update_s",
+            "perf/sync_s", "perf/idle_s"]
+    print(f"Qwen2.5-0.5B shape, 2 FSDP2 ranks + 1 vLLM CPU engine, {cfg.rollout.batch_prompts}x{cfg.rollout.n} "
+          f"samples x {a.new_tokens} new tokens, bf16 compute")
+    for i, r in enumerate(rows, 1):
+        print(f"step {i}: " + ", ".join(f"{k.split('/')[1]} {r[k]:.1f}s" for k in keys) +
+              f"; sync {r['sync/mb']:.0f} MB in {int(r['sync/buckets'])} buckets, checksum_ok={r.get('sync/checksum_ok')}"
+              f", logprob_diff {r['rollout/logprob_diff']:.4f}")
+    print(f"{'process':<18} {'peak RSS MB':>12} {'RSS now MB':>11}")
+    for name, m in mem.items():
+        print(f"{name:<18} {m['peak_mb']:>12.0f} {m['rss_mb']:>11.0f}")
+    print(json.dumps({"steps": rows, "memory": mem}, default=str)[:0])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Pretraining text for the R1-Zero base model: the task's material written the way pretraining text is.
+
+R1-Zero's premise is a base model that has seen math (worked solutions, equations, boxed answers) in plain
+pretraining text, but never the R1 prompt template, never `<think>`/`</think>` reasoning blocks, and never a
+question followed by an R1-formatted answer. This module writes such a corpus for the demo's task (two-operand
+addition), from *train-split* problems only (`data.tasks.split_of`: the held-out problems never appear):
+  prose     a worked solution in words ("add the ones: 5 plus 8 is 13, write 3 and carry 1 ...")
+  lines     the column steps as `x+y+c=s` lines, then the sum
+  table     a few `a+b=c` facts in a row, no working
+  qa        "Question: ... Answer: 83": a bare answer
+  tagged    the column steps wrapped in a markup tag (<work>, <calc>, <scratch>, ...), as web text has markup,
+            never the tag `think`
+  question  "What is 35 + 48?", a sentence of English, then the column steps and the sum (no tags)
+  english   a few sentences of plain English (web text), none of them the R1 template or its instruction
+Some worked documents end with "The answer is \\boxed{83}." as math text does. Documents are separated by the
+tokenizer's end-of-text token when the corpus is tokenized, so the model learns that a document stops.
+`check_base_corpus` asserts what the base model must not have seen (tested).
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+from data.prompts import R1_INSTRUCTION, R1_ZERO_TEMPLATE
+from data.tasks import split_of
+
+def _tag_names(n: int = 400, seed: int = 7) -> list[str]:
+    """Markup tag names as web text has them: many and varied (a model then learns to close a tag by copying
+    its name, not by remembering a few names). Never `think`."""
+    rng = random.Random(seed)
+    cons, vows = "bcdfghjklmnprstvwz", "aeiou"
+    names = {"work", "calc", "scratch", "steps", "notes", "draft", "sum", "div", "span", "note", "b", "code"}
+    while len(names) < n:
+        names.add("".join(rng.choice(cons) + rng.choice(vows) for _ in range(rng.randint(1, 3))))
+    names.discard("think")
+    return sorted(names)
+
+
+TAGS = tuple(_tag_names())
+KINDS = ("prose", "lines", "table", "qa", "tagged", "question", "english")
+DEFAULT_MIX = {"prose": 0.2, "lines": 0.2, "table": 0.0, "qa": 0.0, "tagged": 0.25, "question": 0.3,
+               "english": 0.05}
+ENGLISH = [
+    "The weather was cold in the morning and warm by the afternoon.", "She asked a question about the old map.",
+    "A good teacher explains the idea first and then gives an example.", "We walked to the market and bought bread.",
+    "The students wrote their answers on the board.", "He thinks the train will be late again today.",
+    "Reading a book in the evening helps me relax.", "The first step is to read the problem carefully.",
+    "Please close the door when you leave the room.", "The user manual describes every button of the machine.",
+    "They talked for an hour about music and films.", "The answer to the riddle was hidden in the last line.",
+    "Our team solved the puzzle together in ten minutes.", "The river runs through the middle of the town.",
+    "I think the reasoning in this article is clear.", "The assistant brought coffee for everyone at the meeting.",
+    "Numbers can be added in any order.", "The final chapter explains how the story ends.",
+    "A conversation with a friend can change your mind.", "Put the books back on the shelf, please.",
+    "The process takes a few days to complete.", "Each box contains a small toy and a card.",
+    "The mind needs rest as much as the body does.", "Write your name at the top of the page.",
+]
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def train_pairs(min_value: int = 10, max_value: int = 99) -> list[tuple[int, int]]:
+    """Every (a, b) addition in range whose problem belongs to the train split of the arithmetic task."""
+    return [(a, b) for a in range(min_value, max_value + 1) for b in range(min_value, max_value + 1)
+            if split_of(f"arith:{a}+{b}") == "train"]
+
+
+def column_steps(a: int, b: int) -> list[tuple[int, int, int, int]]:
+    """(digit of a, digit of b, carry in, digit sum) right to left."""
+    out, carry = [], 0
+    da, db = str(a)[::-1], str(b)[::-1]
+    for i in range(max(len(da), len(db))):
+        x = int(da[i]) if i < len(da) else 0
+        y = int(db[i]) if i < len(db) else 0
+        out.append((x, y, carry, x + y + carry))
+        carry = (x + y + carry) // 10
+    return out
+
+
+def _boxed(total: int, rng: random.Random, p: float) -> str:
+    return f" The answer is \\boxed{{{total}}}." if rng.random() < p else ""
+
+
+def doc(kind: str, a: int, b: int, rng: random.Random, boxed_p: float = 0.5) -> str:
+    s = a + b
+    steps = column_steps(a, b)
+    if kind == "prose":
+        names = ["ones", "tens", "hundreds"]
+        parts = []
+        for i, (x, y, c, t) in enumerate(steps):
+            carry = f" plus {c}" if c else ""
+            tail = f"write {t % 10} and carry {t // 10}" if t >= 10 and i < len(steps) - 1 else f"write {t}"
+            parts.append(f"the {names[i]}: {x} plus {y}{carry} is {t}, {tail}")
+        opener = rng.choice(["To add {a} and {b}, start with", "Let us add {a} and {b}. First", "Adding {a} and {b}: take",
+                             "What is {a} + {b}? To add {a} and {b}, start with"])
+        return (opener.format(a=a, b=b) + " " + "; then ".join(parts) + f". So {a} + {b} = {s}." + _boxed(s, rng, boxed_p))
+    if kind == "lines":
+        lines = [f"{x}+{y}+{c}={t}" for x, y, c, t in steps]
+        return f"{a} + {b}:\n" + "\n".join(lines) + f"\nSo {a}+{b}={s}." + _boxed(s, rng, boxed_p)
+    if kind == "table":
+        more = [(a, b)] + [(rng.randint(10, 99), rng.randint(10, 99)) for _ in range(3)]
+        return "\n".join(f"{x}+{y}={x + y}" for x, y in more)
+    if kind == "qa":
+        return f"Question: What is {a} + {b}?\nAnswer: {s}"
+    if kind == "question":
+        lines = [f"{x}+{y}+{c}={t}" for x, y, c, t in steps]
+        return (f"What is {a} + {b}? " + " ".join(rng.sample(ENGLISH, rng.randint(1, 3))) + "\n" + "\n".join(lines)
+                + f"\nSo {a}+{b}={s}."
+                + _boxed(s, rng, boxed_p))
+    if kind == "english":
+        return " ".join(rng.sample(ENGLISH, rng.randint(2, 5)))
+    if kind == "tagged":
+        tag = rng.choice(TAGS)
+        lines = [f"{x}+{y}+{c}={t}" for x, y, c, t in steps]
+        head = rng.choice(["", f"{a} + {b}:\n", f"Add {a} and {b}.\n"])
+        return (head + f"<{tag}>\n" + "\n".join(lines) + f"\n</{tag}>\nSo {a}+{b}={s}."
+                + _boxed(s, rng, max(boxed_p, 0.5)))
+    raise ValueError(f"unknown document kind {kind!r}; known: {KINDS}")
+
+
+def base_corpus(n_docs: int, seed: int = 0, mix: dict[str, float] | None = None, boxed_p: float = 0.5
+                ) -> list[str]:
+    """n_docs documents of the mix (kind -> weight) over train-split additions of two 2-digit numbers."""
+    mix = dict(mix or DEFAULT_MIX)
+    unknown = sorted(set(mix) - set(KINDS))
+    if unknown:
+        raise ValueError(f"base corpus mix: unknown kinds {unknown}; known: {list(KINDS)}")
+    rng = random.Random(f"pretrain:{seed}")
+    pairs = train_pairs()
+    kinds, weights = zip(*[(k, w) for k, w in mix.items() if w > 0])
+    out = []
+    for _ in range(n_docs):
+        a, b = rng.choice(pairs)
+        out.append(doc(rng.choices(kinds, weights)[0], a, b, rng, boxed_p))
+    check_base_corpus(out)
+    return out
+
+
+FORBIDDEN = ("<think>", "</think>", R1_INSTRUCTION, "A conversation between User and Assistant",
+             R1_ZERO_TEMPLATE.split("{problem}")[0][:60], "Assistant:", "User:", "<|im_start|>")
+
+
+def pack(docs: list[str], eos: str, max_chars: int, seed: int = 0) -> list[str]:
+    """Documents joined with the end-of-text token into sequences of up to ~max_chars characters, as
+    pretraining packs its text: the model sees long contexts and learns that a document ends at `eos`."""
+    out, cur = [], ""
+    for d in docs:
+        if cur and len(cur) + len(d) + len(eos) > max_chars:
+            out.append(cur)
+            cur = ""
+        cur = cur + eos + d if cur else d
+    if cur:
+        out.append(cur)
+    return out
+
+
+def check_base_corpus(docs: list[str]) -> None:
+    """Raise ValueError if any document contains the R1 template, its instruction, a think tag or chat markup."""
+    for i, d in enumerate(docs):
+        for f in FORBIDDEN:
+            if f in d:
+                raise ValueError(f"base corpus document {i} contains {f!r}: the base model must not see the R1 "
+                                 f"protocol")
+
+
+def iter_rows(docs: list[str]) -> Iterator[dict[str, Any]]:
+    for d in docs:
+        yield {"text": d}
