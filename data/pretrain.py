@@ -25,21 +25,14 @@ from typing import Any
 from data.prompts import R1_INSTRUCTION, R1_ZERO_TEMPLATE
 from data.tasks import split_of
 
-def _tag_names(n: int = 400, seed: int = 7) -> list[str]:
-    """Markup tag names as web text has them: many and varied (a model then learns to close a tag by copying
-    its name, not by remembering a few names). Never `think`."""
-    rng = random.Random(seed)
-    cons, vows = "bcdfghjklmnprstvwz", "aeiou"
-    names = {"work", "calc", "scratch", "steps", "notes", "draft", "sum", "div", "span", "note", "b", "code"}
-    while len(names) < n:
-        names.add("".join(rng.choice(cons) + rng.choice(vows) for _ in range(rng.randint(1, 3))))
-    names.discard("think")
-    return sorted(names)
-
-
-TAGS = tuple(_tag_names())
+# Markup tag names as web text has them: ordinary words, each one token of the base tokenizer (as in Qwen2.5's,
+# where `<work>` is "<", "work", ">"), so that closing a tag means copying one token. Never `think`.
+TAG_WORDS = ("work", "calc", "scratch", "steps", "notes", "draft", "sum", "note", "math", "plan", "idea", "sketch",
+             "proof", "check", "solve", "carry", "column", "digits", "memo", "aside", "hint", "trace", "detail",
+             "method", "working", "reason", "mind", "logic", "brief", "page")
+TAGS = tuple(t for t in TAG_WORDS if t != "think")
 KINDS = ("prose", "lines", "table", "qa", "tagged", "question", "english")
-DEFAULT_MIX = {"prose": 0.2, "lines": 0.2, "table": 0.0, "qa": 0.0, "tagged": 0.25, "question": 0.3,
+DEFAULT_MIX = {"prose": 0.05, "lines": 0.15, "table": 0.0, "qa": 0.0, "tagged": 0.3, "question": 0.45,
                "english": 0.05}
 ENGLISH = [
     "The weather was cold in the morning and warm by the afternoon.", "She asked a question about the old map.",
@@ -111,9 +104,9 @@ def doc(kind: str, a: int, b: int, rng: random.Random, boxed_p: float = 0.5) -> 
     if kind == "tagged":
         tag = rng.choice(TAGS)
         lines = [f"{x}+{y}+{c}={t}" for x, y, c, t in steps]
-        head = rng.choice(["", f"{a} + {b}:\n", f"Add {a} and {b}.\n"])
+        head = rng.choice(["", f"{a} + {b}:\n", f"Add {a} and {b}.\n", f"What is {a} + {b}?\n"])
         return (head + f"<{tag}>\n" + "\n".join(lines) + f"\n</{tag}>\nSo {a}+{b}={s}."
-                + _boxed(s, rng, max(boxed_p, 0.5)))
+                + _boxed(s, rng, boxed_p))
     raise ValueError(f"unknown document kind {kind!r}; known: {KINDS}")
 
 

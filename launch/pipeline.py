@@ -7,6 +7,9 @@
      Llama student is trained on them (TRL SFTTrainer)
   5. evaluation of the SFT model, the GRPO model and the student on the same held-out problems with the eval
      harness (pass@1 over several samples at temperature 1.0)
+  6. R1-Zero (when `r1zero.config` is set): a base model pretrained on plain text (no template, no <think>),
+     GRPO straight from it with the R1-Zero template and accuracy + format rewards, both evaluated on the
+     same held-out problems (rl/r1zero.py)
 
 Outputs under `output_dir`: summary.json, curves.png, the GRPO metrics JSONL and TensorBoard logs, the
 distillation dataset (with provenance) and its acceptance rate. Re-running resumes finished stages (SFT and
@@ -48,6 +51,15 @@ class PipelineConfig:
     grpo: StageRef = field(default_factory=StageRef)
     distill: StageRef = field(default_factory=StageRef)
     eval: EvalSection = field(default_factory=EvalSection)
+    r1zero_pretrain: StageRef = field(default_factory=StageRef)
+    r1zero: StageRef = field(default_factory=StageRef)
+
+    def validate(self) -> None:
+        from rl.config import require
+
+        require(bool(self.r1zero.config) == bool(self.r1zero_pretrain.config), "r1zero.config",
+                "the R1-Zero stage needs both r1zero_pretrain.config (the base model's pretraining) and "
+                "r1zero.config (GRPO from it), or neither")
 
 
 def _took(t0: float, reused: bool, before: dict, key: str, reused_s: dict[str, float]) -> float:
@@ -153,6 +165,19 @@ def main(argv: list[str] | None = None) -> int:
     summary["stage_s"] = timings
     summary["eval"] = {"problems": cfg.eval.problems, "samples": cfg.eval.samples,
                        "temperature": cfg.eval.temperature, "heldout": dist["heldout"]}
+    if cfg.r1zero.config:
+        t0 = _stage("6/6 R1-Zero: pretrained base model -> GRPO, no SFT")
+        from rl.r1zero import run_r1zero_stage
+
+        r1z_reused = (out / "r1zero" / "summary.json").exists()
+        summary["r1zero"] = r1z = run_r1zero_stage(cfg.r1zero_pretrain, cfg.r1zero, data, dist["heldout"],
+                                                   cfg.eval, out / "r1zero")
+        timings["r1zero_s"] = _took(t0, r1z_reused, before, "r1zero_s", reused_s)
+        print(f"R1-Zero: base {r1z['base_accuracy']:.3f} -> {r1z['accuracy']:.3f} pass@1 (gain {r1z['gain']:+.3f}); "
+              f"format {r1z['base_format_rate']:.2f} -> {r1z['format_rate']:.2f}; curves at "
+              f"{out / 'r1zero' / 'r1zero_curves.png'}")
+        summary["wall_s"] = round(time.time() - t_all + sum(reused_s.values()), 1)
+        summary["this_invocation_s"] = round(time.time() - t_all, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\n{'model':<8} {'pass@1':>8}   95% CI")
     for name in ("sft", "grpo", "distill"):

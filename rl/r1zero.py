@@ -32,6 +32,9 @@ def run_r1zero_stage(pretrain_ref, grpo_ref, data: list[str], heldout: str, eval
     from rl.sft.config import SFTStageConfig
     from rl.sft.train import run_sft
 
+    if (out / "summary.json").exists():
+        print("reusing the finished R1-Zero stage")
+        return json.loads((out / "summary.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     base_dir, grpo_dir = out / "base", out / "grpo"
     if not (base_dir / "summary.json").exists():

@@ -271,3 +271,25 @@ def test_padded_tokenizer_keeps_encoding_and_decodes_every_id(tiny):
     assert len(padded) == 4096 and padded(text).input_ids == base(text).input_ids
     assert padded.decode([4095]) == "<|r1lab_unused_4095|>" and padded.convert_tokens_to_ids("</think>") == \
         base.convert_tokens_to_ids("</think>")
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+def test_overlapped_rollouts_are_never_more_than_k_steps_stale(k):
+    """The driver's protocol: at step t the engines hold weight version t (t updates synced); fill() launches
+    batches up to step t + k; the batch of step t was launched with some version v and is t - v stale."""
+    from rl.grpo.rollout_queue import RolloutQueue
+
+    q, seen, launched = RolloutQueue(k), [], []
+    cursor = {"pos": 0}
+    for t in range(12):
+        q.fill(t, version=t, cursor=lambda: dict(cursor), launch=lambda s: launched.append(s) or s)
+        p = q.pop(t)
+        assert p.step == t and p.handle == t
+        seen.append(t - p.version)
+        assert q.resume_cursor() is None or len(q.pending) <= k
+    assert launched == list(range(12 + k))
+    assert max(seen) <= k and (k == 0 or seen[k:] == [k] * (12 - k))   # steady state: exactly k stale
+    with pytest.raises(ValueError):
+        RolloutQueue(-1)
+    with pytest.raises(RuntimeError, match="out of order"):
+        RolloutQueue(0).pop(3)

@@ -36,6 +36,27 @@ def test_chunked_logprobs_match_reference_values_and_gradients(dtype, with_bias)
         assert (a.float() - r.float()).abs().max() <= tol * r.float().abs().max(), (a, r)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_logprobs_with_logged_entropy_and_no_logp_grad(temperature):
+    """Entropy computed but only logged (no gradient through it), and entropy-only losses: same gradients as the
+    reference (the backward skips the entropy terms when autograd gives it no gradient for them)."""
+    torch.manual_seed(1)
+    N, H, V = 29, 8, 40
+    h = torch.randn(N, H, requires_grad=True)
+    w = torch.randn(V, H, requires_grad=True)
+    y = torch.randint(0, V, (N,))
+    for use in ("logp", "ent"):
+        got = []
+        for fn in (chunked_token_logprobs, reference_token_logprobs):
+            kw = {"chunk": 8} if fn is chunked_token_logprobs else {}
+            lp, ent = fn(h, w, y, temperature=temperature, with_entropy=True, **kw)
+            (lp if use == "logp" else ent).sum().backward()
+            got.append((h.grad.clone(), w.grad.clone(), ent.detach()))
+            h.grad = w.grad = None
+        for a, r in zip(got[0], got[1]):
+            assert torch.allclose(a, r, atol=1e-5), use
+
+
 def test_chunked_logprobs_never_save_the_logits():
     """Nothing of size tokens x vocab is kept for backward: only hidden states, weight and one float per row."""
     N, H, V = 64, 8, 1000

@@ -117,3 +117,34 @@ def test_torchrun_training_step_and_sharded_checkpoints_across_world_sizes(tmp_p
     assert b["restored_max_rel_diff"] == 0.0 and b["restored_keys"] > 10 and b["loaded_step"] == 1
     c = _torchrun(2, ["--load", str(tmp_path / "c1")], tmp_path)
     assert c["restored_max_rel_diff"] == 0.0 and c["loaded_step"] == 2
+
+
+def test_skipping_the_old_logprob_forward_gives_the_same_update(tiny):
+    """Strictly on-policy (one epoch, one mini-batch): the update's own forward supplies the old log-probs
+    (detached). Same loss, metrics and new weights as with the separate no-grad forward."""
+    cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", ["trainer.threads=1", "trainer.num_workers=1"])
+    results = []
+    for separate in (True, False):
+        w = _worker(cfg, tiny.qwen2)
+        try:
+            b = _batch(w)
+            if separate:
+                b["old_logp"] = w.compute_logprobs(b)["old_logp"]
+            m = w.update(b)
+            sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+                  for k, v in w.model.state_dict().items()}
+            results.append((m, sd))
+        finally:
+            w.shutdown()
+    (m1, sd1), (m2, sd2) = results
+    for k in ("actor/pg_loss", "actor/loss", "actor/grad_norm", "actor/clipfrac"):
+        assert m1[k] == pytest.approx(m2[k], rel=1e-5, abs=1e-7), k
+    assert all(torch.allclose(sd1[k], sd2[k], atol=1e-7) for k in sd1)
+    fresh = _fresh_state(tiny.qwen2)
+    assert any(not torch.allclose(sd1[k].float(), fresh[k].float()) for k in sd1 if k in fresh)  # it did train
+
+
+def _fresh_state(path):
+    from transformers import AutoModelForCausalLM
+
+    return {"lm." + k: v for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}

@@ -17,6 +17,8 @@ class RolloutConfig:
     batch_prompts: int = opt(16, "prompts per training step (groups)")
     n: int = opt(8, "samples per prompt (the GRPO group size)", )
     max_new_tokens: int = opt(64, "maximum response length in tokens")
+    min_new_tokens: int = opt(0, "generate at least this many tokens: EOS is suppressed until then (vLLM "
+                                 "min_tokens; for benchmarks with fixed-length responses, 0 = off)")
     temperature: float = opt(1.0, "sampling temperature (the trainer divides logits by the same value)")
     top_p: float = opt(1.0, "nucleus sampling; keep 1.0 for unbiased GRPO unless you know why")
     max_model_len: int = opt(1024, "vLLM context length")
@@ -26,6 +28,8 @@ class RolloutConfig:
     enforce_eager: bool = opt(False, "disable CUDA graphs / torch.compile in vLLM (faster start, slower decode; "
                                      "right for tiny models)")
     kv_cache_gb: float = opt(0.0, "CPU only: vLLM KV-cache size in GB (0 = vLLM's default share of memory)")
+    threads: int = opt(0, "CPU only: compute threads of each rollout engine (0 = every core of its node: the "
+                          "synchronous loop never generates and trains at once)")
     async_steps: int = opt(0, "overlap: generate the batches of up to this many later steps while the current one "
                               "trains (weights at most this many steps stale; 0 = synchronous). TIS or seq_mask "
                               "(algo.rollout_correction) corrects for the staleness")
@@ -35,10 +39,13 @@ class RolloutConfig:
         require(self.n >= 2, "rollout.n", "GRPO needs at least 2 samples per prompt")
         require(self.batch_prompts >= 1, "rollout.batch_prompts", "must be >= 1")
         require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        require(0 <= self.min_new_tokens <= self.max_new_tokens, "rollout.min_new_tokens",
+                f"must be in [0, rollout.max_new_tokens={self.max_new_tokens}]")
         require(self.temperature > 0, "rollout.temperature", "must be > 0 (greedy sampling has no group variance)")
         require(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         require(self.max_gen_batches >= 1, "rollout.max_gen_batches", "must be >= 1")
         require(self.async_steps >= 0, "rollout.async_steps", "must be >= 0")
+        require(self.threads >= 0, "rollout.threads", "must be >= 0 (0 = every core)")
 
 
 @dataclass

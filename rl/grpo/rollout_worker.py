@@ -15,6 +15,18 @@ from typing import Any
 from rl.grpo.config import GRPOConfig
 
 
+def set_engine_threads(threads: int) -> None:
+    """CPU: the in-process engine computes with this process's torch threads, and Ray starts an actor with
+    OMP_NUM_THREADS = its logical CPUs (1 here: decoding on one core). Set them before vLLM pins them
+    (its CPU worker forbids set_num_threads afterwards). 0 = every core this process may run on."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+
+
 class RolloutWorker:
     def __init__(self, model_path: str, cfg: GRPOConfig, seed: int, import_path: list[str] | None = None) -> None:
         """import_path: the driver's sys.path, so that reward plugins named `module:function` import here as
@@ -26,6 +38,7 @@ class RolloutWorker:
         sys.path.extend(p for p in (import_path or []) if p not in sys.path)
 
         r = cfg.rollout
+        set_engine_threads(r.threads)
         kw: dict[str, Any] = {}
         if r.gpu_memory_utilization > 0:
             kw["gpu_memory_utilization"] = r.gpu_memory_utilization
@@ -58,7 +71,8 @@ class RolloutWorker:
         from rl.rollout.vllm_engine import generate_stream, sampling_params
 
         r = self.cfg.rollout
-        params = sampling_params(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens)
+        params = sampling_params(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens,
+                                 min_tokens=r.min_new_tokens)
         t0 = time.perf_counter()
         futures: dict[int, Any] = {}
         samples_of: dict[int, list[dict]] = {}

@@ -68,7 +68,7 @@ class Sample:
 
 def sampling_params(*, n: int = 1, temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1,
                     max_tokens: int = 256, seed: int | None = None, logprobs: bool = True,
-                    stop: list[str] | None = None):
+                    stop: list[str] | None = None, min_tokens: int = 0):
     from vllm import SamplingParams
 
     if seed is not None and on_cpu():
@@ -81,6 +81,8 @@ def sampling_params(*, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                               stop=stop or None, logprobs=0 if logprobs else None)
     if top_k and top_k > 0:
         kw["top_k"] = top_k
+    if min_tokens:
+        kw["min_tokens"] = min_tokens
     return SamplingParams(**kw)
 
 

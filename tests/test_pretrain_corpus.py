@@ -1,0 +1,75 @@
+"""R1-Zero's base corpus (data/pretrain.py): the task's material as pretraining text, never the R1 protocol."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from data.pretrain import FORBIDDEN, KINDS, TAGS, base_corpus, check_base_corpus, doc, pack, train_pairs
+from data.prompts import R1_INSTRUCTION, R1_ZERO_TEMPLATE, build_prompt
+from data.tasks import make_synthetic, split_of
+
+
+def test_corpus_has_no_template_and_no_think_tags():
+    docs = base_corpus(5000, seed=3, mix={k: 1.0 for k in KINDS})
+    text = "\n".join(docs)
+    assert "<think>" not in text and "</think>" not in text
+    assert re.search(r"</?\s*think\s*>", text) is None
+    assert R1_INSTRUCTION not in text
+    head = R1_ZERO_TEMPLATE.split("{problem}")[0]
+    for line in head.splitlines():          # no sentence of the R1-Zero template, whole or in part
+        for sentence in filter(None, (x.strip() for x in line.split(". "))):
+            if len(sentence) > 25:
+                assert sentence not in text, sentence
+    assert "Assistant:" not in text and "User:" not in text and "<|im_start|>" not in text
+    # ... but it is the task's material: worked additions, boxed answers, markup tags of other names
+    assert "\\boxed{" in text and any(f"</{t}>" in text for t in TAGS) and "think" not in TAGS
+
+
+def test_corpus_never_shows_a_heldout_problem_and_is_correct():
+    pairs = train_pairs()
+    assert all(split_of(f"arith:{a}+{b}") == "train" for a, b in pairs)
+    heldout = make_synthetic("arithmetic", 128, split="test", seed=0,
+                             knobs={"min_digits": 2, "max_digits": 2, "ops": "+"}).to_list()
+    held = {tuple(map(int, re.findall(r"\d+", r["problem"])[:2])) for r in heldout}
+    assert not held & set(pairs)
+    for d in base_corpus(500, seed=1):
+        for a, b, s in re.findall(r"So (\d+) ?\+ ?(\d+) ?= ?(\d+)", d):
+            assert int(a) + int(b) == int(s)
+
+
+def test_check_base_corpus_rejects_the_protocol():
+    problem = "What is 12 + 34?"
+    for bad in (build_prompt(problem, None, template="r1_zero", force_think=True),
+                "What is 12 + 34?\n<think>\n2+4+0=6\n</think>\nThe answer is \\boxed{46}.",
+                f"{problem} {R1_INSTRUCTION}"):
+        with pytest.raises(ValueError, match="must not see the R1 protocol"):
+            check_base_corpus(["12+34=46", bad])
+    assert any(f in FORBIDDEN for f in ("<think>", "</think>"))
+
+
+def test_every_kind_and_packing():
+    import random
+
+    rng = random.Random(0)
+    for k in KINDS:
+        assert doc(k, 35, 48, rng, boxed_p=1.0)
+    with pytest.raises(ValueError, match="unknown document kind"):
+        doc("chat", 35, 48, rng)
+    with pytest.raises(ValueError, match="unknown kinds"):
+        base_corpus(3, mix={"r1": 1.0})
+    packed = pack(["aaaa", "bbbb", "cccc"], "<eos>", max_chars=13)
+    assert packed == ["aaaa<eos>bbbb", "cccc"]
+
+
+def test_base_tokenizer_has_no_think_tokens_nor_chat_template():
+    from transformers import AutoTokenizer
+
+    from rl.tiny import build_base_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(build_base_tokenizer())
+    assert not getattr(tok, "chat_template", None)
+    assert "<think>" not in tok.get_vocab() and "</think>" not in tok.get_vocab()
+    assert len(tok.tokenize("</think>")) > 1          # spelled in pieces, as in a base model's tokenizer
+    for t in TAGS[:5]:                                # a tag name is one ordinary word token
+        assert len(tok.tokenize(f"</{t}>")) == 3, (t, tok.tokenize(f"</{t}>"))
