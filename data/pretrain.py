@@ -29,7 +29,11 @@ from data.tasks import split_of
 # where `<work>` is "<", "work", ">"), so that closing a tag means copying one token. Never `think`.
 TAG_WORDS = ("work", "calc", "scratch", "steps", "notes", "draft", "sum", "note", "math", "plan", "idea", "sketch",
              "proof", "check", "solve", "carry", "column", "digits", "memo", "aside", "hint", "trace", "detail",
-             "method", "working", "reason", "mind", "logic", "brief", "page")
+             "method", "working", "reason", "mind", "logic", "brief", "page", "box", "item", "list", "text", "part",
+             "line", "row", "cell", "table", "body", "main", "side", "quote", "code", "data", "info", "tip", "key",
+             "step", "try", "test", "guess", "hand", "pen", "board", "slate", "paper", "sheet", "card", "block",
+             "area", "zone", "field", "space", "frame", "panel", "label", "title", "head", "foot", "span", "aux",
+             "temp", "tmp", "pad", "log", "out", "calcs", "sums", "ans")
 TAGS = tuple(t for t in TAG_WORDS if t != "think")
 KINDS = ("prose", "lines", "table", "qa", "tagged", "question", "english")
 DEFAULT_MIX = {"prose": 0.05, "lines": 0.15, "table": 0.0, "qa": 0.0, "tagged": 0.3, "question": 0.45,
@@ -48,6 +52,21 @@ ENGLISH = [
     "The process takes a few days to complete.", "Each box contains a small toy and a card.",
     "The mind needs rest as much as the body does.", "Write your name at the top of the page.",
 ]
+# Labels before a question and before its answer, as in forum threads, textbooks and dialogues (never the R1
+# template's "User:" / "Assistant:").
+Q_LABELS = ("Q: ", "Question: ", "Problem: ", "Exercise: ", "Student: ", "Tom: ", "Ann: ", "Reader: ", "Kid: ",
+            "Quiz: ", "Task: ", "Me: ", "")
+A_LABELS = ("A: ", "Answer: ", "Solution: ", "Teacher: ", "Mom: ", "Reply: ", "Tutor: ", "Bob: ", "Key: ", "")
+
+
+def markup_sentence(rng: random.Random) -> str:
+    """A sentence about markup, as tutorials have them (tag names from TAGS, never think)."""
+    t = rng.choice(TAGS)
+    return rng.choice([f"Text between <{t}> and </{t}> is kept apart, i.e., <{t}> like this </{t}> here.",
+                       f"The <{t}> </{t}> tags wrap a block of the page.",
+                       f"Use <{t}> text </{t}> for notes."])
+
+
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
@@ -96,7 +115,8 @@ def doc(kind: str, a: int, b: int, rng: random.Random, boxed_p: float = 0.5) -> 
         return f"Question: What is {a} + {b}?\nAnswer: {s}"
     if kind == "question":
         lines = [f"{x}+{y}+{c}={t}" for x, y, c, t in steps]
-        return (f"What is {a} + {b}? " + " ".join(rng.sample(ENGLISH, rng.randint(1, 3))) + "\n" + "\n".join(lines)
+        return (rng.choice(Q_LABELS) + f"What is {a} + {b}? " + " ".join(rng.sample(ENGLISH, rng.randint(1, 3)))
+                + "\n" + rng.choice(A_LABELS) + "\n".join(lines)
                 + f"\nSo {a}+{b}={s}."
                 + _boxed(s, rng, boxed_p))
     if kind == "english":
@@ -104,14 +124,16 @@ def doc(kind: str, a: int, b: int, rng: random.Random, boxed_p: float = 0.5) -> 
     if kind == "tagged":
         tag = rng.choice(TAGS)
         lines = [f"{x}+{y}+{c}={t}" for x, y, c, t in steps]
-        head = rng.choice(["", f"{a} + {b}:\n", f"Add {a} and {b}.\n", f"What is {a} + {b}?\n"])
+        head = rng.choice(["", f"{a} + {b}:\n", f"Add {a} and {b}.\n",
+                           rng.choice(Q_LABELS) + f"What is {a} + {b}? " + " ".join(rng.sample(ENGLISH, rng.randint(0, 2)))
+                           + "\n" + rng.choice(A_LABELS)])
         return (head + f"<{tag}>\n" + "\n".join(lines) + f"\n</{tag}>\nSo {a}+{b}={s}."
                 + _boxed(s, rng, boxed_p))
     raise ValueError(f"unknown document kind {kind!r}; known: {KINDS}")
 
 
-def base_corpus(n_docs: int, seed: int = 0, mix: dict[str, float] | None = None, boxed_p: float = 0.5
-                ) -> list[str]:
+def base_corpus(n_docs: int, seed: int = 0, mix: dict[str, float] | None = None, boxed_p: float = 0.5,
+                context_p: float = 0.6) -> list[str]:
     """n_docs documents of the mix (kind -> weight) over train-split additions of two 2-digit numbers."""
     mix = dict(mix or DEFAULT_MIX)
     unknown = sorted(set(mix) - set(KINDS))
@@ -123,7 +145,15 @@ def base_corpus(n_docs: int, seed: int = 0, mix: dict[str, float] | None = None,
     out = []
     for _ in range(n_docs):
         a, b = rng.choice(pairs)
-        out.append(doc(rng.choices(kinds, weights)[0], a, b, rng, boxed_p))
+        kind = rng.choices(kinds, weights)[0]
+        d = doc(kind, a, b, rng, boxed_p)
+        if kind != "english" and rng.random() < context_p:
+            # web pages put math after unrelated text: the model learns to find the problem by its content,
+            # wherever it is (a long prompt in front of a question must not derail it)
+            ctx = rng.sample(ENGLISH, rng.randint(1, 4)) + [markup_sentence(rng) for _ in range(rng.randint(0, 2))]
+            rng.shuffle(ctx)
+            d = " ".join(ctx) + "\n" + d
+        out.append(d)
     check_base_corpus(out)
     return out
 

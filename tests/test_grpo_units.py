@@ -136,8 +136,15 @@ def test_all_shipped_configs_validate():
     for path in Path("configs").glob("*grpo*.yaml"):
         load_config(GRPOConfig, path)
     load_config(SFTStageConfig, "configs/tiny_sft.yaml")
+    load_config(SFTStageConfig, "configs/r1zero_pretrain.yaml")
     load_config(DistillConfig, "configs/tiny_distill.yaml")
     demo = load_config(PipelineConfig, "configs/demo.yaml")
+    with_r1zero = load_config(PipelineConfig, "configs/demo.yaml", ["r1zero_pretrain.config=configs/r1zero_pretrain.yaml",
+                                                                     "r1zero.config=configs/r1zero_grpo.yaml"])
+    with_r1zero.r1zero_pretrain.load(SFTStageConfig)
+    with_r1zero.r1zero.load(GRPOConfig)
+    with pytest.raises(ConfigError, match="r1zero"):
+        load_config(PipelineConfig, "configs/demo.yaml", ["r1zero.config=configs/r1zero_grpo.yaml"])
     for stage, cls in (("sft", SFTStageConfig), ("grpo", GRPOConfig), ("distill", DistillConfig)):
         getattr(demo, stage).load(cls)
 

@@ -53,8 +53,8 @@ def test_chunked_logprobs_with_logged_entropy_and_no_logp_grad(temperature):
             (lp if use == "logp" else ent).sum().backward()
             got.append((h.grad.clone(), w.grad.clone(), ent.detach()))
             h.grad = w.grad = None
-        for a, r in zip(got[0], got[1]):
-            assert torch.allclose(a, r, atol=1e-5), use
+        for a, r in zip(got[0], got[1]):   # fp32 rounding: relative to the largest entry
+            assert (a - r).abs().max() <= 1e-4 * r.abs().max(), use
 
 
 def test_chunked_logprobs_never_save_the_logits():

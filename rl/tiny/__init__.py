@@ -92,12 +92,12 @@ def base_corpus_for_tokenizer(n_docs: int = 4000, seed: int = 0) -> list[str]:
     # ordinary words a real BPE vocabulary has whole (tag names; "think" is an English word like any other)
     # (one per line: the word token without a leading space, as it follows "<" or "</" in markup)
     words = "\n".join(TAG_WORDS + ("think", "answer", "reasoning", "process", "question"))
-    return base_corpus(n_docs, seed) + english * 50 + [words] * 300
+    return base_corpus(n_docs, seed) + english * 50 + [words] * 1000
 
 
-def build_base_tokenizer(vocab_size: int = 512, seed: int = 0) -> Path:
+def build_base_tokenizer(vocab_size: int = 1024, seed: int = 0) -> Path:
     """Cached path of a base model's tokenizer (no think tokens, no chat template; see train_tokenizer)."""
-    payload = {"vocab_size": vocab_size, "seed": seed, "kind": "base", "corpus": 3}
+    payload = {"vocab_size": vocab_size, "seed": seed, "kind": "base", "corpus": 4}
     return _cached_build("tokenizer-base", payload,
                          lambda d: train_tokenizer(base_corpus_for_tokenizer(seed=seed), d, vocab_size=vocab_size,
                                                    base=True))
