@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def run(k: int, out: Path, sft: Path, heldout: str) -> dict:
+    from data.loading import read_jsonl
     from launch.pipeline import PipelineConfig
     from rl.config import load_config
     from rl.eval.harness import Sampling, evaluate_models
@@ -35,7 +36,7 @@ def run(k: int, out: Path, sft: Path, heldout: str) -> dict:
     res = evaluate_models({f"async{k}": str(out / "final")}, heldout,
                           Sampling(temperature=e.temperature, top_p=1.0, n=e.samples, max_tokens=e.max_tokens),
                           out, max_model_len=512)
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows, _ = read_jsonl(out / "metrics.jsonl")
     train = [r for r in rows if "perf/step_s" in r]
     return {"k": k, "pass@1": res[f"async{k}"]["metrics"]["pass@1"],
             "staleness_max": max(r["rollout/staleness_max"] for r in train),

@@ -99,12 +99,14 @@ def step_flops(n: int, prompts: int, samples: int, prompt_tokens: float, new_tok
 
 # ---------------------------------------------------------------------------------------------- sides
 def run_r1lab(w: dict, a) -> dict:
+    import shutil
+
+    from data.loading import read_jsonl
     from rl.config import load_config
     from rl.grpo.config import GRPOConfig
     from rl.grpo.driver import GRPODriver
 
     out = Path(a.out) / "r1lab"
-    import shutil
     shutil.rmtree(out, ignore_errors=True)
     total = a.steps + a.warmup
     cfg = load_config(GRPOConfig, str(ROOT / "configs/tiny_grpo.yaml"), [
@@ -119,8 +121,7 @@ def run_r1lab(w: dict, a) -> dict:
         "log.progress=false", "log.tensorboard=false", f"log.output_dir={out}", "resources.ray_address=local",
         "resources.trainer_cpus=1", "resources.rollout_cpus=1"])
     GRPODriver(cfg).run()
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    steps = [r for r in rows if "perf/step_s" in r][a.warmup:]
+    steps = [r for r in read_jsonl(out / "metrics.jsonl")[0] if "perf/step_s" in r][a.warmup:]
     keys = ("gen", "reward", "logprobs", "update", "sync", "idle")
     return {"steps": [{"wall_s": r["perf/step_s"], "phases": {k: r.get(f"perf/{k}_s", 0.0) for k in keys},
                        "response_length_mean": r.get("rollout/response_length_mean")} for r in steps]}

@@ -315,16 +315,19 @@ def _instrument(trainer, rec: _Recorder, torch) -> None:
 
     trainer.training_step = training_step
 
-    orig_pi = trainer._prepare_inputs
+    def timed(fn, name: str, when=lambda: True):
+        """fn, recording each call's duration under `name` while `when()` holds."""
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            if not when():
+                return fn(*a, **k)
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            rec.add(name, time.perf_counter() - t, step_of())
+            return out
+        return wrapper
 
-    @functools.wraps(orig_pi)
-    def _prepare_inputs(*a, **k):
-        t = time.perf_counter()
-        out = orig_pi(*a, **k)
-        rec.add("bench._prepare_inputs", time.perf_counter() - t, step_of())
-        return out
-
-    trainer._prepare_inputs = _prepare_inputs
+    trainer._prepare_inputs = timed(trainer._prepare_inputs, "bench._prepare_inputs")
 
     orig_gen = trainer._generate
 
@@ -342,18 +345,10 @@ def _instrument(trainer, rec: _Recorder, torch) -> None:
 
     trainer._generate = _generate
 
-    orig_lp = trainer._get_per_token_logps_and_entropies
-
-    @functools.wraps(orig_lp)
-    def _lp(*a, **k):
-        if torch.is_grad_enabled():
-            return orig_lp(*a, **k)
-        t = time.perf_counter()
-        out = orig_lp(*a, **k)
-        rec.add("bench.logprob_recompute", time.perf_counter() - t, step_of())
-        return out
-
-    trainer._get_per_token_logps_and_entropies = _lp
+    # the no-grad calls are the log-prob recompute (the update's own forward runs with grad)
+    trainer._get_per_token_logps_and_entropies = timed(trainer._get_per_token_logps_and_entropies,
+                                                       "bench.logprob_recompute",
+                                                       when=lambda: not torch.is_grad_enabled())
 
     # autocast probe: which phase is running is told by torch.is_grad_enabled() (generate runs under no_grad)
     model = trainer.model

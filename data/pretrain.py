@@ -19,8 +19,6 @@ tokenizer's end-of-text token when the corpus is tokenized, so the model learns 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
-from typing import Any
 
 from data.prompts import R1_INSTRUCTION, R1_ZERO_TEMPLATE
 from data.tasks import split_of
@@ -67,9 +65,6 @@ def markup_sentence(rng: random.Random) -> str:
                        f"Use <{t}> text </{t}> for notes."])
 
 
-WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-
-
 def train_pairs(min_value: int = 10, max_value: int = 99) -> list[tuple[int, int]]:
     """Every (a, b) addition in range whose problem belongs to the train split of the arithmetic task."""
     return [(a, b) for a in range(min_value, max_value + 1) for b in range(min_value, max_value + 1)
@@ -92,9 +87,16 @@ def _boxed(total: int, rng: random.Random, p: float) -> str:
     return f" The answer is \\boxed{{{total}}}." if rng.random() < p else ""
 
 
+def _question(a: int, b: int, rng: random.Random, min_sentences: int, max_sentences: int) -> str:
+    """A labelled question, some English after it, and the label of the reply (ends where the work starts)."""
+    return (rng.choice(Q_LABELS) + f"What is {a} + {b}? "
+            + " ".join(rng.sample(ENGLISH, rng.randint(min_sentences, max_sentences))) + "\n" + rng.choice(A_LABELS))
+
+
 def doc(kind: str, a: int, b: int, rng: random.Random, boxed_p: float = 0.5) -> str:
     s = a + b
     steps = column_steps(a, b)
+    work = "\n".join(f"{x}+{y}+{c}={t}" for x, y, c, t in steps)   # the column steps as lines
     if kind == "prose":
         names = ["ones", "tens", "hundreds"]
         parts = []
@@ -106,28 +108,20 @@ def doc(kind: str, a: int, b: int, rng: random.Random, boxed_p: float = 0.5) -> 
                              "What is {a} + {b}? To add {a} and {b}, start with"])
         return (opener.format(a=a, b=b) + " " + "; then ".join(parts) + f". So {a} + {b} = {s}." + _boxed(s, rng, boxed_p))
     if kind == "lines":
-        lines = [f"{x}+{y}+{c}={t}" for x, y, c, t in steps]
-        return f"{a} + {b}:\n" + "\n".join(lines) + f"\nSo {a}+{b}={s}." + _boxed(s, rng, boxed_p)
+        return f"{a} + {b}:\n" + work + f"\nSo {a}+{b}={s}." + _boxed(s, rng, boxed_p)
     if kind == "table":
         more = [(a, b)] + [(rng.randint(10, 99), rng.randint(10, 99)) for _ in range(3)]
         return "\n".join(f"{x}+{y}={x + y}" for x, y in more)
     if kind == "qa":
         return f"Question: What is {a} + {b}?\nAnswer: {s}"
     if kind == "question":
-        lines = [f"{x}+{y}+{c}={t}" for x, y, c, t in steps]
-        return (rng.choice(Q_LABELS) + f"What is {a} + {b}? " + " ".join(rng.sample(ENGLISH, rng.randint(1, 3)))
-                + "\n" + rng.choice(A_LABELS) + "\n".join(lines)
-                + f"\nSo {a}+{b}={s}."
-                + _boxed(s, rng, boxed_p))
+        return _question(a, b, rng, 1, 3) + work + f"\nSo {a}+{b}={s}." + _boxed(s, rng, boxed_p)
     if kind == "english":
         return " ".join(rng.sample(ENGLISH, rng.randint(2, 5)))
     if kind == "tagged":
         tag = rng.choice(TAGS)
-        lines = [f"{x}+{y}+{c}={t}" for x, y, c, t in steps]
-        head = rng.choice(["", f"{a} + {b}:\n", f"Add {a} and {b}.\n",
-                           rng.choice(Q_LABELS) + f"What is {a} + {b}? " + " ".join(rng.sample(ENGLISH, rng.randint(0, 2)))
-                           + "\n" + rng.choice(A_LABELS)])
-        return (head + f"<{tag}>\n" + "\n".join(lines) + f"\n</{tag}>\nSo {a}+{b}={s}."
+        head = rng.choice(["", f"{a} + {b}:\n", f"Add {a} and {b}.\n", _question(a, b, rng, 0, 2)])
+        return (head + f"<{tag}>\n" + work + f"\n</{tag}>\nSo {a}+{b}={s}."
                 + _boxed(s, rng, boxed_p))
     raise ValueError(f"unknown document kind {kind!r}; known: {KINDS}")
 
@@ -162,7 +156,7 @@ FORBIDDEN = ("<think>", "</think>", R1_INSTRUCTION, "A conversation between User
              R1_ZERO_TEMPLATE.split("{problem}")[0][:60], "Assistant:", "User:", "<|im_start|>")
 
 
-def pack(docs: list[str], eos: str, max_chars: int, seed: int = 0) -> list[str]:
+def pack(docs: list[str], eos: str, max_chars: int) -> list[str]:
     """Documents joined with the end-of-text token into sequences of up to ~max_chars characters, as
     pretraining packs its text: the model sees long contexts and learns that a document ends at `eos`."""
     out, cur = [], ""
@@ -184,7 +178,3 @@ def check_base_corpus(docs: list[str]) -> None:
                 raise ValueError(f"base corpus document {i} contains {f!r}: the base model must not see the R1 "
                                  f"protocol")
 
-
-def iter_rows(docs: list[str]) -> Iterator[dict[str, Any]]:
-    for d in docs:
-        yield {"text": d}

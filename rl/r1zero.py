@@ -23,6 +23,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from data.loading import read_jsonl
+
 
 def run_r1zero_stage(pretrain_ref, grpo_ref, data: list[str], heldout: str, eval_section, out: Path) -> dict[str, Any]:
     """Pretrain the base model, run GRPO from it, evaluate both; returns the stage's summary (also written to
@@ -70,7 +72,7 @@ def evaluate_base_and_final(base: Path, final: Path, heldout: str, e, gcfg, out:
                           max_model_len=gcfg.rollout.max_model_len)
     report = {}
     for name, r in res.items():
-        rows = [json.loads(x) for x in (out / f"eval_{name}.samples.jsonl").read_text().splitlines() if x.strip()]
+        rows, _ = read_jsonl(out / f"eval_{name}.samples.jsonl")
         m = r["metrics"]
         report[name] = {"accuracy": m["pass@1"], "ci95": [m["pass@1_ci95_low"], m["pass@1_ci95_high"]],
                         "format_rate": sum(format_reward(x["completion"], {}) for x in rows) / max(1, len(rows)),
@@ -85,7 +87,7 @@ def plot_r1zero(metrics_path: Path, out_png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    everything = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+    everything, _ = read_jsonl(metrics_path)
     rows = [r for r in everything if "rollout/reward_mean" in r]
     val = [r for r in everything if "val/heldout/pass@1" in r]
     steps = [r["step"] for r in rows]

@@ -1,8 +1,9 @@
 """Plots of a GRPO run, written next to its metrics: where each step's time went (stacked bars)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from data.loading import read_jsonl
 
 PHASES = [("perf/gen_s", "rollout (generation)"), ("perf/reward_s", "rewards (after generation)"),
           ("perf/logprobs_s", "old/ref log-probs"), ("perf/update_s", "update"), ("perf/sync_s", "weight sync"),
@@ -11,8 +12,7 @@ PHASES = [("perf/gen_s", "rollout (generation)"), ("perf/reward_s", "rewards (af
 
 def plot_timing(metrics_path: str | Path, out_png: str | Path) -> Path | None:
     """Stacked bar per step of the time breakdown logged by the driver; None when there is nothing to plot."""
-    rows = [json.loads(x) for x in Path(metrics_path).read_text().splitlines() if x.strip()]
-    rows = [r for r in rows if "perf/step_s" in r and "perf/update_s" in r]
+    rows = [r for r in read_jsonl(metrics_path)[0] if "perf/step_s" in r and "perf/update_s" in r]
     if not rows:
         return None
     import matplotlib
