@@ -57,12 +57,18 @@ Q_LABELS = ("Q: ", "Question: ", "Problem: ", "Exercise: ", "Student: ", "Tom: "
 A_LABELS = ("A: ", "Answer: ", "Solution: ", "Teacher: ", "Mom: ", "Reply: ", "Tutor: ", "Bob: ", "Key: ", "")
 
 
-def markup_sentence(rng: random.Random) -> str:
-    """A sentence about markup, as tutorials have them (tag names from TAGS, never think)."""
-    t = rng.choice(TAGS)
+def markup_sentence(rng: random.Random, tag: str | None = None) -> str:
+    """A sentence about markup, as tutorials have them (tag names from TAGS unless given, never think)."""
+    t = tag or rng.choice(TAGS)
     return rng.choice([f"Text between <{t}> and </{t}> is kept apart, i.e., <{t}> like this </{t}> here.",
                        f"The <{t}> </{t}> tags wrap a block of the page.",
                        f"Use <{t}> text </{t}> for notes."])
+
+
+def pseudo_word(rng: random.Random) -> str:
+    """A fresh made-up tag name ("bako", "tirelu"): a tag a model has never seen can only be closed by copying
+    the name from its opening tag, which is what closing `<think>` needs."""
+    return "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(1, 3)))
 
 
 def train_pairs(min_value: int = 10, max_value: int = 99) -> list[tuple[int, int]]:
@@ -93,7 +99,7 @@ def _question(a: int, b: int, rng: random.Random, min_sentences: int, max_senten
             + " ".join(rng.sample(ENGLISH, rng.randint(min_sentences, max_sentences))) + "\n" + rng.choice(A_LABELS))
 
 
-def doc(kind: str, a: int, b: int, rng: random.Random, boxed_p: float = 0.5) -> str:
+def doc(kind: str, a: int, b: int, rng: random.Random, boxed_p: float = 0.5, random_tags: float = 0.0) -> str:
     s = a + b
     steps = column_steps(a, b)
     work = "\n".join(f"{x}+{y}+{c}={t}" for x, y, c, t in steps)   # the column steps as lines
@@ -119,15 +125,17 @@ def doc(kind: str, a: int, b: int, rng: random.Random, boxed_p: float = 0.5) -> 
     if kind == "english":
         return " ".join(rng.sample(ENGLISH, rng.randint(2, 5)))
     if kind == "tagged":
-        tag = rng.choice(TAGS)
+        tag = pseudo_word(rng) if rng.random() < random_tags else rng.choice(TAGS)
         head = rng.choice(["", f"{a} + {b}:\n", f"Add {a} and {b}.\n", _question(a, b, rng, 0, 2)])
+        if random_tags and rng.random() < 0.5:   # the page says what the tag is for before using it
+            head = markup_sentence(rng, tag) + "\n" + head
         return (head + f"<{tag}>\n" + work + f"\n</{tag}>\nSo {a}+{b}={s}."
                 + _boxed(s, rng, boxed_p))
     raise ValueError(f"unknown document kind {kind!r}; known: {KINDS}")
 
 
 def base_corpus(n_docs: int, seed: int = 0, mix: dict[str, float] | None = None, boxed_p: float = 0.5,
-                context_p: float = 0.6) -> list[str]:
+                context_p: float = 0.6, random_tags: float = 0.0) -> list[str]:
     """n_docs documents of the mix (kind -> weight) over train-split additions of two 2-digit numbers."""
     mix = dict(mix or DEFAULT_MIX)
     unknown = sorted(set(mix) - set(KINDS))
@@ -140,7 +148,7 @@ def base_corpus(n_docs: int, seed: int = 0, mix: dict[str, float] | None = None,
     for _ in range(n_docs):
         a, b = rng.choice(pairs)
         kind = rng.choices(kinds, weights)[0]
-        d = doc(kind, a, b, rng, boxed_p)
+        d = doc(kind, a, b, rng, boxed_p, random_tags)
         if kind != "english" and rng.random() < context_p:
             # web pages put math after unrelated text: the model learns to find the problem by its content,
             # wherever it is (a long prompt in front of a question must not derail it)

@@ -60,6 +60,12 @@ def _column_add(a: int, b: int, slip: random.Random | None = None, slip_rate: fl
     return steps, total
 
 
+def tool_trace(expression: str, answer: str) -> str:
+    """A tool-integrated trace (rl.rollout.tools' protocol): the model writes a python block, the rollout
+    inserts its output, the model answers from it."""
+    return _trace([f"```python\nprint({expression})\n```", f"```output\n{answer}\n```"], answer)
+
+
 def _arithmetic_row(rng: random.Random, min_digits: int, max_digits: int, ops: str,
                     slip_rate: float = 0.0) -> dict[str, Any]:
     op = rng.choice(ops)
@@ -88,16 +94,21 @@ def _arithmetic_row(rng: random.Random, min_digits: int, max_digits: int, ops: s
 
 
 def arithmetic(rng: random.Random, *, min_digits: int = 1, max_digits: int = 3, ops: str = "+-*",
-               slip_rate: float = 0.0) -> dict:
+               slip_rate: float = 0.0, tool: bool = False) -> dict:
     """Two-operand arithmetic. Difficulty: number of digits and operators.
 
     slip_rate: share of carries the worked trace drops (a sloppy teacher's cold-start data: the trace and its
-    boxed answer are then wrong, the gold `answer` stays right). RL with the verifier can unlearn the slip."""
+    boxed answer are then wrong, the gold `answer` stays right). RL with the verifier can unlearn the slip.
+    tool: the trace computes with the python tool (`tool_trace`) instead of by hand; problems and answers are
+    the same either way."""
     if not 1 <= min_digits <= max_digits:
         raise ValueError(f"arithmetic: need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
     if not 0.0 <= slip_rate <= 1.0:
         raise ValueError(f"arithmetic: slip_rate must be in [0, 1], got {slip_rate}")
-    return _arithmetic_row(rng, min_digits, max_digits, ops, slip_rate)
+    row = _arithmetic_row(rng, min_digits, max_digits, ops, slip_rate)
+    if tool:
+        row["solution"] = tool_trace(row["problem"][len("What is "):-1], row["answer"])
+    return row
 
 
 # ---------------------------------------------------------------- chain sums

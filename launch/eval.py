@@ -2,6 +2,7 @@
 
   python launch/eval.py --benchmark math500 --model PATH --output runs/eval/math500.json
   python launch/eval.py --benchmark aime24 --completions my_samples.jsonl --output results.json
+  python launch/eval.py --benchmark math500 --model PATH --tools python --output runs/eval/math500_tir.json
 """
 from __future__ import annotations
 
@@ -30,11 +31,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--template", default="chat", choices=["chat", "r1_zero", "plain"])
     ap.add_argument("--force-think", action="store_true", help="start every answer with '<think>\\n'")
+    ap.add_argument("--tools", default="", choices=["", "python"],
+                    help="let the model call a tool: python = fenced ```python blocks run in the sandbox, their "
+                         "output inserted, the model continues (rl.rollout.tools)")
+    ap.add_argument("--max-tool-calls", type=int, default=2, help="tool calls per sample (with --tools)")
+    ap.add_argument("--tool-timeout", type=float, default=5.0, help="seconds per tool call (with --tools)")
     ap.add_argument("--limit", type=int, help="only the first N problems")
     ap.add_argument("--timeout", type=float, default=5.0, help="grader timeout per answer, seconds")
     args = ap.parse_args(argv)
+    if args.tools and args.completions:
+        ap.error("--tools needs --model: a completions file was generated elsewhere, its tool calls already ran")
+    if args.max_tool_calls < 1 or args.tool_timeout <= 0:
+        ap.error("--max-tool-calls must be >= 1 and --tool-timeout > 0")
     sampling = Sampling(args.temperature, args.top_p, args.n, args.max_tokens, args.seed, args.template,
-                        args.force_think)
+                        args.force_think, tools=args.tools, max_tool_calls=args.max_tool_calls,
+                        tool_timeout_s=args.tool_timeout)
     evaluate(args.benchmark, model=args.model, completions_file=args.completions, sampling=sampling,
              output=args.output, samples_output=args.samples_output, limit=args.limit, timeout_s=args.timeout)
     return 0

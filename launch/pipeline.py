@@ -16,6 +16,7 @@ distillation dataset (with provenance) and its acceptance rate. Re-running resum
 distillation are reused, GRPO continues from its last checkpoint); `--fresh` starts clean.
 
   python launch/pipeline.py --config configs/demo.yaml [--fresh] [section.key=value ...]
+  python launch/pipeline.py --config configs/demo_tir.yaml     # tool-integrated reasoning, tools vs no tools
 """
 from __future__ import annotations
 
@@ -29,20 +30,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rl.config import StageRef, opt, to_dict  # noqa: E402
-
-
-@dataclass
-class EvalSection:
-    """Held-out evaluation of every model."""
-    problems: int = opt(128, "held-out problems")
-    samples: int = opt(4, "samples per problem")
-    temperature: float = opt(1.0, "sampling temperature")
-    max_tokens: int = opt(64, "maximum response tokens")
+from rl.config import EvalSection, StageRef, opt, to_dict  # noqa: E402
 
 
 @dataclass
 class PipelineConfig:
+    pipeline: str = opt("r1", "which pipeline: r1 = this one (make demo); tir = tool-integrated reasoning, tools vs "
+                              "no tools (rl/tir.py, configs/demo_tir.yaml)", choices=["r1", "tir"])
     output_dir: str = opt("runs/demo", "where every stage writes")
     task: str = opt("arithmetic", "synthetic task of every stage",
                     choices=["arithmetic", "chain_sum", "countdown"])
@@ -112,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fresh", action="store_true", help="delete output_dir first instead of resuming")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
+    if pipeline_kind(args.config, args.overrides) == "tir":
+        from rl.tir import TIRConfig, run_tir
+
+        tir = load_config(TIRConfig, args.config, args.overrides)
+        if args.fresh and Path(tir.output_dir).exists():
+            shutil.rmtree(tir.output_dir)
+        run_tir(tir)
+        return 0
     cfg = load_config(PipelineConfig, args.config, args.overrides)
     out = Path(cfg.output_dir)
     if args.fresh and out.exists():
@@ -188,6 +190,19 @@ def main(argv: list[str] | None = None) -> int:
     note = f" (this invocation {summary['this_invocation_s']:.0f}s; reused: {sorted(reused_s)})" if reused_s else ""
     print(f"wall time {summary['wall_s']:.0f}s{note}; summary at {out / 'summary.json'}")
     return 0
+
+
+def pipeline_kind(config: str, overrides: list[str]) -> str:
+    """The `pipeline` key of the YAML, or of an override (pipeline=tir): which config class to load."""
+    import yaml
+
+    kind = "r1"
+    if config and Path(config).exists():
+        kind = (yaml.safe_load(Path(config).read_text()) or {}).get("pipeline", kind)
+    for o in overrides:
+        if o.startswith("pipeline="):
+            kind = o.split("=", 1)[1]
+    return kind
 
 
 def run_sft_stage(cfg: PipelineConfig, data: list[str], sft_dir: Path) -> tuple[dict, bool]:

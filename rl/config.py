@@ -214,6 +214,21 @@ def require_known_rewards(names: Sequence[str], key: str) -> None:
 
 # ------------------------------------------------------------------ sections shared by every stage
 @dataclasses.dataclass
+class EvalSection:
+    """Held-out evaluation of every model of a pipeline (launch/pipeline.py)."""
+    problems: int = opt(128, "held-out problems")
+    samples: int = opt(4, "samples per problem")
+    temperature: float = opt(1.0, "sampling temperature")
+    max_tokens: int = opt(64, "maximum response tokens")
+
+    def validate(self) -> None:
+        require(self.problems >= 1, "eval.problems", "must be >= 1")
+        require(self.samples >= 1, "eval.samples", "must be >= 1")
+        require(self.temperature > 0, "eval.temperature", "must be > 0")
+        require(self.max_tokens >= 1, "eval.max_tokens", "must be >= 1")
+
+
+@dataclasses.dataclass
 class StageRef:
     """Another stage's config, run from this one: its YAML file plus overrides (section.key=value)."""
     config: str = opt("", "YAML config of the stage (configs/*.yaml)")

@@ -42,6 +42,10 @@ class Sampling:
     seed: int = 0
     template: str = "chat"          # chat | r1_zero | plain (see data.prompts.build_prompt)
     force_think: bool = False
+    tools: str = ""                 # "" or "python": multi-turn sampling with sandboxed calls (rl.rollout.tools)
+    max_tool_calls: int = 2
+    tool_timeout_s: float = 5.0
+    tool_memory_mb: int = 256
 
 
 def read_completions(path: str | Path, problems: list[dict[str, Any]]) -> dict[int, list[str]]:
@@ -68,8 +72,11 @@ def read_completions(path: str | Path, problems: list[dict[str, Any]]) -> dict[i
 
 
 def generate_completions(model: str | None, problems: list[dict[str, Any]], sampling: Sampling, n: int,
-                         llm: Any = None) -> dict[int, list[str]]:
-    """Sample n completions per problem with vLLM (an engine can be passed in, e.g. GRPO's rollout engine)."""
+                         llm: Any = None, tool_samples: dict | None = None) -> dict[int, list[str]]:
+    """Sample n completions per problem with vLLM (an engine can be passed in, e.g. GRPO's rollout engine).
+
+    With `sampling.tools` the completions are multi-turn transcripts (tool outputs inserted); the sample dicts
+    of rl.rollout.tools.as_sample are put in `tool_samples` ({index: [sample]}) when it is given."""
     from transformers import AutoTokenizer
 
     from data.prompts import build_prompt
@@ -78,15 +85,41 @@ def generate_completions(model: str | None, problems: list[dict[str, Any]], samp
     if llm is None:
         if model is None:
             raise ValueError("generate_completions needs a model path or an engine")
-        llm = make_llm(model, max_model_len=sampling.max_tokens + 2048, seed=sampling.seed)
+        llm = make_llm(model, max_model_len=_context_len(model, sampling.max_tokens + 2048), seed=sampling.seed)
     tok = AutoTokenizer.from_pretrained(model) if model else llm.get_tokenizer()
     template = sampling.template if (sampling.template != "chat" or tok.chat_template) else "r1_zero"
     prompts = [build_prompt(p["problem"], tok, template=template, force_think=sampling.force_think) for p in problems]
     params = sampling_params(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
-                             max_tokens=sampling.max_tokens, seed=sampling.seed, logprobs=False)
-    outs = generate(llm, prompts, params, use_tqdm=True)
+                             max_tokens=sampling.max_tokens, seed=sampling.seed, logprobs=bool(sampling.tools))
     prefix = "<think>\n" if sampling.force_think else ""  # the forced tag is part of the answer's text
+    if sampling.tools:
+        return _tool_completions(llm, tok, problems, prompts, params, sampling, prefix, tool_samples)
+    outs = generate(llm, prompts, params, use_tqdm=True)
     return {p["index"]: [prefix + s.text for s in samples] for p, samples in zip(problems, outs)}
+
+
+def _context_len(model: str, want: int) -> int:
+    """`want` tokens of context, or the model's own maximum when that is smaller (tiny models: 2,048)."""
+    from transformers import AutoConfig
+
+    limit = getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None)
+    return min(want, int(limit)) if limit else want
+
+
+def _tool_completions(llm, tok, problems, prompts, params, sampling: Sampling, prefix: str,
+                      tool_samples: dict | None) -> dict[int, list[str]]:
+    from rl.rollout.tools import ToolSpec, as_sample, generate_with_tools
+
+    spec = ToolSpec(max_calls=sampling.max_tool_calls, timeout_s=sampling.tool_timeout_s,
+                    memory_mb=sampling.tool_memory_mb)
+    ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+    out: dict[int, list[str]] = {}
+    for i, trajs in tqdm(generate_with_tools(llm, ids, params, spec, tok), total=len(ids), desc="tool rollouts"):
+        samples = [as_sample(t, tok) for t in trajs]
+        out[problems[i]["index"]] = [prefix + s["text"] for s in samples]
+        if tool_samples is not None:
+            tool_samples[problems[i]["index"]] = samples
+    return {p["index"]: out[p["index"]] for p in problems}
 
 
 def _equivalent(a: str, b: str, timeout_s: float) -> bool:
@@ -121,16 +154,37 @@ def _code_outcomes(comps: list[str], samples: list[Mapping[str, Any]]) -> list[t
             (extract_program(c), CORRECT if r == 1.0 else WRONG, None) for c, r in zip(comps, rewards)]
 
 
+def _apply_tool_outcomes(records: list[dict[str, Any]], tool_samples: dict[int, list[dict]]) -> dict[str, float]:
+    """Tool-call statistics of an evaluation with tools; a sample whose call met a sandbox outage is failed
+    (not wrong). Metrics: rl.rollout.tools.tool_metrics, plus the pass@1 of samples that used a tool."""
+    from rl.rollout.tools import tool_metrics
+
+    used, used_ok = 0, 0
+    for r in records:
+        t = tool_samples[r["index"]][r["sample"]]["tool"]
+        r["tool_calls"], r["tool_outcomes"] = t["calls"], t["outcomes"]
+        if t["outage"]:
+            r.update(status=FAILED, correct=False, reason=f"tool call: {t['outage']}")
+        used += t["calls"] > 0
+        used_ok += t["calls"] > 0 and r["correct"]
+    out = tool_metrics([s for ss in tool_samples.values() for s in ss], prefix="")
+    out["pass@1_when_used"] = used_ok / used if used else 0.0
+    return out
+
+
 def grade(spec: Benchmark, problems: list[dict[str, Any]], completions: Mapping[int, list[str]],
-          timeout_s: float = 5.0) -> list[dict[str, Any]]:
-    """One record per sample: index, sample, answer (extracted), status, reason (failed only), correct."""
+          timeout_s: float = 5.0, policy_text: bool = False) -> list[dict[str, Any]]:
+    """One record per sample: index, sample, answer (extracted), status, reason (failed only), correct.
+    policy_text: grade the policy's own text (tool transcripts: inserted output blocks removed)."""
+    from rl.rollout.tools import strip_outputs
+
     by_index = {p["index"]: p for p in problems}
     flat = [(i, k, c) for i, cs in completions.items() for k, c in enumerate(cs)]
     records = []
     chunk = 256
     for start in tqdm(range(0, len(flat), chunk), desc=f"grading {spec.name}", unit="chunk"):
         part = flat[start:start + chunk]
-        comps = [c for _, _, c in part]
+        comps = [strip_outputs(c) if policy_text else c for _, _, c in part]
         samples = [by_index[i] for i, _, _ in part]
         outcomes = (_code_outcomes(comps, samples) if spec.kind == "code"
                     else _math_outcomes(comps, samples, timeout_s))
@@ -177,6 +231,7 @@ def evaluate(benchmark: str, *, model: str | None = None, completions_file: str 
     if (model is None and llm is None) == (completions_file is None):
         raise ValueError("give exactly one of a model (or engine) and a completions file")
     stats_before = dict(GRADER_STATS)
+    tool_samples: dict[int, list[dict]] = {}
     if completions_file is not None:
         completions = read_completions(completions_file, problems)
         problems = [p for p in problems if p["index"] in completions]
@@ -184,9 +239,10 @@ def evaluate(benchmark: str, *, model: str | None = None, completions_file: str 
         samples_per_problem: Any = n_per[0] if len(n_per) == 1 else n_per
     else:
         n = sampling.n or spec.samples
-        completions = generate_completions(model, problems, sampling, n, llm=llm)
+        completions = generate_completions(model, problems, sampling, n, llm=llm, tool_samples=tool_samples)
         samples_per_problem = n
-    records = grade(spec, problems, completions, timeout_s)
+    records = grade(spec, problems, completions, timeout_s, policy_text=bool(tool_samples))
+    tools = _apply_tool_outcomes(records, tool_samples) if tool_samples else None
     metrics, breakdown = summarize(spec, problems, records, timeout_s)
     failed = [r for r in records if r["status"] == FAILED]
     results = {
@@ -197,6 +253,7 @@ def evaluate(benchmark: str, *, model: str | None = None, completions_file: str 
         "model": model if completions_file is None else None, "completions_file": completions_file,
         "breakdown": breakdown,
         "grader": {k: GRADER_STATS[k] - stats_before.get(k, 0) for k in ("timeouts", "errors", "slow_path", "failed")},
+        "tools": tools,
         "wall_s": round(time.time() - t0, 2),
     }
     if output:
@@ -225,6 +282,11 @@ def summary_table(results: dict[str, Any]) -> str:
     for name, table in results.get("breakdown", {}).items():
         lines.append(f"-- {name}")
         lines += [f"   {b:<28} {row['pass@1']:.3f}  (n={row['num_problems']})" for b, row in table.items()]
+    if results.get("tools"):
+        t = results["tools"]
+        lines.append(f"tools      {t['calls_per_sample']:.2f} calls/sample, used by {t['used_frac']:.1%} of samples, "
+                     f"errors {t['error_frac']:.1%}, timeouts {t['timeout_frac']:.1%} of calls; pass@1 when used "
+                     f"{t['pass@1_when_used']:.3f}")
     n_failed, n_samples = results.get("failed", 0), results.get("num_samples", 0)
     lines.append(f"{'failed':<10} {n_failed:>8}   of {n_samples} samples (not gradable; counted as not correct)")
     if n_failed:

@@ -33,6 +33,13 @@ class RolloutConfig:
     async_steps: int = opt(0, "overlap: generate the batches of up to this many later steps while the current one "
                               "trains (weights at most this many steps stale; 0 = synchronous). TIS or seq_mask "
                               "(algo.rollout_correction) corrects for the staleness")
+    tools: str = opt("", "tool the policy may call mid-response: '' = none; python = a fenced ```python block "
+                         "is run in the sandbox and its output inserted (rl.rollout.tools; inserted tokens are "
+                         "masked out of the loss)", choices=["", "python"])
+    max_tool_calls: int = opt(2, "tools: calls per sample; after the last one the policy must answer")
+    tool_timeout_s: float = opt(5.0, "tools: wall-clock limit of one call (the context then says it timed out)")
+    tool_memory_mb: int = opt(256, "tools: memory limit of one call")
+    tool_max_output_chars: int = opt(256, "tools: longer outputs are cut (head and tail kept) before insertion")
 
     def validate(self) -> None:
         require(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
@@ -46,6 +53,19 @@ class RolloutConfig:
         require(self.max_gen_batches >= 1, "rollout.max_gen_batches", "must be >= 1")
         require(self.async_steps >= 0, "rollout.async_steps", "must be >= 0")
         require(self.threads >= 0, "rollout.threads", "must be >= 0 (0 = every core)")
+        require(self.max_tool_calls >= 1, "rollout.max_tool_calls", "must be >= 1")
+        require(self.tool_timeout_s > 0, "rollout.tool_timeout_s", "must be > 0")
+        require(self.tool_memory_mb >= 16, "rollout.tool_memory_mb", "must be >= 16")
+        require(self.tool_max_output_chars >= 16, "rollout.tool_max_output_chars", "must be >= 16")
+
+    def tool_spec(self):
+        """The tool-call limits of rl.rollout.tools (None when tools are off)."""
+        from rl.rollout.tools import ToolSpec
+
+        if not self.tools:
+            return None
+        return ToolSpec(max_calls=self.max_tool_calls, timeout_s=self.tool_timeout_s, memory_mb=self.tool_memory_mb,
+                        max_output_chars=self.tool_max_output_chars)
 
 
 @dataclass

@@ -90,8 +90,11 @@ def validation_sampling(cfg: GRPOConfig):
     from rl.eval.harness import Sampling
 
     lc = cfg.log
-    return Sampling(temperature=lc.val_temperature, top_p=1.0, n=lc.val_samples, max_tokens=cfg.rollout.max_new_tokens,
-                    seed=cfg.trainer.seed, template=cfg.data.template, force_think=cfg.data.force_think)
+    r = cfg.rollout
+    return Sampling(temperature=lc.val_temperature, top_p=1.0, n=lc.val_samples, max_tokens=r.max_new_tokens,
+                    seed=cfg.trainer.seed, template=cfg.data.template, force_think=cfg.data.force_think,
+                    tools=r.tools, max_tool_calls=r.max_tool_calls, tool_timeout_s=r.tool_timeout_s,
+                    tool_memory_mb=r.tool_memory_mb)
 
 
 def strictly_on_policy(cfg: GRPOConfig) -> bool:
@@ -126,8 +129,9 @@ class GRPODriver:
         self.trainers: list[Any] = []
         self.rollouts: list[Any] = []
         self.queue = RolloutQueue(cfg.rollout.async_steps)
-        self.failures = FailureWatch(cfg.reward.max_failed_frac, cfg.reward.max_failed_steps, cfg.reward.functions,
-                                     cfg.reward.weights)
+        tool_fn = ["tool"] if cfg.rollout.tools else []   # sandbox outages of tool calls fail items too
+        self.failures = FailureWatch(cfg.reward.max_failed_frac, cfg.reward.max_failed_steps,
+                                     list(cfg.reward.functions) + tool_fn, list(cfg.reward.weights) + [1.0] * len(tool_fn))
         self.checked_logprobs = False
         self.last_ckpt: Path | None = None
         self._started_ray = False
@@ -341,10 +345,15 @@ class GRPODriver:
         lengths = torch.tensor([len(s["token_ids"]) for g in groups for s in g.samples], dtype=torch.float)
         truncated = sum(s["finish_reason"] == "length" for g in groups for s in g.samples)
         stale = (self.step - batch["version"]).float()
-        return {"rollout/response_length_mean": float(lengths.mean()),
-                "rollout/response_length_max": float(lengths.max()),
-                "rollout/truncated_frac": truncated / max(1, lengths.numel()),
-                "rollout/staleness_mean": float(stale.mean()), "rollout/staleness_max": float(stale.max())}
+        out = {"rollout/response_length_mean": float(lengths.mean()),
+               "rollout/response_length_max": float(lengths.max()),
+               "rollout/truncated_frac": truncated / max(1, lengths.numel()),
+               "rollout/staleness_mean": float(stale.mean()), "rollout/staleness_max": float(stale.max())}
+        if self.cfg.rollout.tools:
+            from rl.rollout.tools import tool_metrics
+
+            out.update(tool_metrics([s for g in groups for s in g.samples]))
+        return out
 
     def _cursor_metrics(self) -> dict[str, float]:
         c = self.queue.resume_cursor() or self.cursor.state()

@@ -68,7 +68,7 @@ class RolloutWorker:
     def rollout(self, prompt_ids: list[list[int]], rows: list[dict[str, Any]], version: int) -> dict[str, Any]:
         """n samples per prompt, scored. Returns {"groups": [{"samples", "rewards", "failed"}...] in prompt
         order, "scores": the per-group ScoreResults' parts, "gen_s", "reward_wait_s", "version"}."""
-        from rl.rollout.vllm_engine import generate_stream, sampling_params
+        from rl.rollout.vllm_engine import sampling_params
 
         r = self.cfg.rollout
         params = sampling_params(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens,
@@ -76,9 +76,8 @@ class RolloutWorker:
         t0 = time.perf_counter()
         futures: dict[int, Any] = {}
         samples_of: dict[int, list[dict]] = {}
-        for i, samples in generate_stream(self.llm, prompt_ids, params):
-            samples_of[i] = [{"token_ids": s.token_ids, "text": s.text, "logprobs": s.logprobs,
-                              "finish_reason": s.finish_reason} for s in samples]
+        for i, samples in self._generate(prompt_ids, params):
+            samples_of[i] = samples
             futures[i] = self._pool.submit(self._score_group, samples_of[i], rows[i])
         gen_s = time.perf_counter() - t0
         groups = []
@@ -90,11 +89,34 @@ class RolloutWorker:
         return {"groups": groups, "gen_s": gen_s, "reward_wait_s": time.perf_counter() - t0 - gen_s,
                 "version": version}
 
+    def _generate(self, prompt_ids: list[list[int]], params):
+        """(prompt index, sample dicts) as groups finish: single-turn, or multi-turn with tool calls."""
+        from rl.rollout.vllm_engine import generate_stream
+
+        spec = self.cfg.rollout.tool_spec()
+        if spec is None:
+            for i, samples in generate_stream(self.llm, prompt_ids, params):
+                yield i, [{"token_ids": s.token_ids, "text": s.text, "logprobs": s.logprobs,
+                           "finish_reason": s.finish_reason} for s in samples]
+            return
+        from rl.rollout.tools import as_sample, generate_with_tools
+
+        tok = self.llm.get_tokenizer()
+        for i, trajs in generate_with_tools(self.llm, prompt_ids, params, spec, tok):
+            yield i, [as_sample(t, tok) for t in trajs]
+
     def _score_group(self, samples: list[dict], row: dict[str, Any]):
+        """Rewards of one group. With tools, the graded text is the policy's own (inserted outputs removed), and
+        a sample whose tool call hit a sandbox outage is a failed item (`reward/tool/failed_frac`)."""
         rc = self.cfg.reward
         meta = [{**row, "completion_tokens": len(s["token_ids"]), "max_tokens": self.cfg.rollout.max_new_tokens,
                  "overlong_buffer": rc.overlong_buffer} for s in samples]
-        return self._scorer().score([s["text"] for s in samples], meta)
+        res = self._scorer().score([s.get("graded_text", s["text"]) for s in samples], meta)
+        if self.cfg.rollout.tools:
+            from rl.rollout.tools import mark_outages
+
+            mark_outages(res, samples)
+        return res
 
     def load_weights(self, spec: dict, version: int, reader: int, checksum: bool) -> dict[str, Any]:
         """Reload weight version `version` as the trainer streams it (rl.grpo.sync); with `checksum`, the
@@ -125,7 +147,8 @@ class RolloutWorker:
         training prompt template)."""
         from rl.eval.harness import evaluate
 
-        return evaluate(benchmark, llm=self.llm, limit=problems, quiet=True, sampling=sampling)["metrics"]
+        res = evaluate(benchmark, llm=self.llm, limit=problems, quiet=True, sampling=sampling)
+        return {**res["metrics"], **{f"tool_{k}": v for k, v in (res.get("tools") or {}).items()}}
 
     def shutdown(self) -> None:
         if self.scorer is not None:
