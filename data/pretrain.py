@@ -15,6 +15,10 @@ addition), from *train-split* problems only (`data.tasks.split_of`: the held-out
 Some worked documents end with "The answer is \\boxed{83}." as math text does. Documents are separated by the
 tokenizer's end-of-text token when the corpus is tokenized, so the model learns that a document stops.
 `check_base_corpus` asserts what the base model must not have seen (tested).
+
+Knobs for the tag-copying experiments (docs/demo.md, "What did not work"): `random_tags` = share of tagged
+documents whose tag name is invented (`pseudo_word`) or, with `tag_names`, drawn from that list (`think`
+always dropped), so that closing the tag means copying its name rather than recalling a known pair.
 """
 from __future__ import annotations
 
@@ -99,7 +103,8 @@ def _question(a: int, b: int, rng: random.Random, min_sentences: int, max_senten
             + " ".join(rng.sample(ENGLISH, rng.randint(min_sentences, max_sentences))) + "\n" + rng.choice(A_LABELS))
 
 
-def doc(kind: str, a: int, b: int, rng: random.Random, boxed_p: float = 0.5, random_tags: float = 0.0) -> str:
+def doc(kind: str, a: int, b: int, rng: random.Random, boxed_p: float = 0.5, random_tags: float = 0.0,
+        tag_names: tuple[str, ...] = ()) -> str:
     s = a + b
     steps = column_steps(a, b)
     work = "\n".join(f"{x}+{y}+{c}={t}" for x, y, c, t in steps)   # the column steps as lines
@@ -125,7 +130,10 @@ def doc(kind: str, a: int, b: int, rng: random.Random, boxed_p: float = 0.5, ran
     if kind == "english":
         return " ".join(rng.sample(ENGLISH, rng.randint(2, 5)))
     if kind == "tagged":
-        tag = pseudo_word(rng) if rng.random() < random_tags else rng.choice(TAGS)
+        if rng.random() < random_tags:
+            tag = rng.choice(tag_names) if tag_names else pseudo_word(rng)
+        else:
+            tag = rng.choice(TAGS)
         head = rng.choice(["", f"{a} + {b}:\n", f"Add {a} and {b}.\n", _question(a, b, rng, 0, 2)])
         if random_tags and rng.random() < 0.5:   # the page says what the tag is for before using it
             head = markup_sentence(rng, tag) + "\n" + head
@@ -135,7 +143,7 @@ def doc(kind: str, a: int, b: int, rng: random.Random, boxed_p: float = 0.5, ran
 
 
 def base_corpus(n_docs: int, seed: int = 0, mix: dict[str, float] | None = None, boxed_p: float = 0.5,
-                context_p: float = 0.6, random_tags: float = 0.0) -> list[str]:
+                context_p: float = 0.6, random_tags: float = 0.0, tag_names: list[str] | None = None) -> list[str]:
     """n_docs documents of the mix (kind -> weight) over train-split additions of two 2-digit numbers."""
     mix = dict(mix or DEFAULT_MIX)
     unknown = sorted(set(mix) - set(KINDS))
@@ -148,7 +156,7 @@ def base_corpus(n_docs: int, seed: int = 0, mix: dict[str, float] | None = None,
     for _ in range(n_docs):
         a, b = rng.choice(pairs)
         kind = rng.choices(kinds, weights)[0]
-        d = doc(kind, a, b, rng, boxed_p, random_tags)
+        d = doc(kind, a, b, rng, boxed_p, random_tags, tuple(t for t in tag_names or () if t != "think"))
         if kind != "english" and rng.random() < context_p:
             # web pages put math after unrelated text: the model learns to find the problem by its content,
             # wherever it is (a long prompt in front of a question must not derail it)

@@ -73,3 +73,15 @@ def test_base_tokenizer_has_no_think_tokens_nor_chat_template():
     assert len(tok.tokenize("</think>")) > 1          # spelled in pieces, as in a base model's tokenizer
     for t in TAGS[:5]:                                # a tag name is one ordinary word token
         assert len(tok.tokenize(f"</{t}>")) == 3, (t, tok.tokenize(f"</{t}>"))
+
+
+@pytest.mark.parametrize("names", [None, ["cel", "cri", "think", "thinking", "box"]])
+def test_invented_tag_names_never_spell_think(names):
+    """random_tags: tagged documents with made-up names (or names from a list, `think` dropped): still no
+    think tag, and every document closes the tag it opened."""
+    docs = base_corpus(3000, seed=5, random_tags=1.0, tag_names=names, mix={"tagged": 1.0})
+    text = "\n".join(docs)
+    assert re.search(r"</?\s*think\s*>", text) is None
+    for d in docs:
+        opened = re.findall(r"<(\w+)>\n", d)
+        assert opened and all(f"</{t}>" in d for t in opened)
