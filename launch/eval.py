@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main(argv: list[str] | None = None) -> int:
     from data.benchmarks import BENCHMARKS
     from rl.eval.harness import Sampling, evaluate
+    from rl.rollout.tools import ToolSpec
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--benchmark", required=True, help=f"one of {sorted(BENCHMARKS)} or a JSONL path")
@@ -44,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_tool_calls < 1 or args.tool_timeout <= 0:
         ap.error("--max-tool-calls must be >= 1 and --tool-timeout > 0")
     sampling = Sampling(args.temperature, args.top_p, args.n, args.max_tokens, args.seed, args.template,
-                        args.force_think, tools=args.tools, max_tool_calls=args.max_tool_calls,
-                        tool_timeout_s=args.tool_timeout)
+                        args.force_think, tools=args.tools,
+                        tool=ToolSpec(max_calls=args.max_tool_calls, timeout_s=args.tool_timeout))
     evaluate(args.benchmark, model=args.model, completions_file=args.completions, sampling=sampling,
              output=args.output, samples_output=args.samples_output, limit=args.limit, timeout_s=args.timeout)
     return 0

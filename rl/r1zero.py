@@ -20,6 +20,7 @@ the rule-based format reward is R1's (<think>...</think> then a boxed answer).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +65,11 @@ def evaluate_base_and_final(base: Path, final: Path, heldout: str, e, gcfg, out:
     """Held-out pass@1 (T = e.temperature, e.samples per problem) with the R1-Zero prompt, and the format rate
     and mean response length (characters) of those samples."""
     from rewards.functions import format_reward
-    from rl.eval.harness import Sampling, evaluate_models
+    from rl.eval.harness import evaluate_models
+    from rl.grpo.driver import validation_sampling
 
-    sampling = Sampling(temperature=e.temperature, top_p=1.0, n=e.samples, max_tokens=gcfg.rollout.max_new_tokens,
-                        template=gcfg.data.template, force_think=gcfg.data.force_think)
+    # the run's prompt template and <think> forcing, as its in-loop validation; the pipeline's eval sampling
+    sampling = replace(validation_sampling(gcfg), temperature=e.temperature, n=e.samples, seed=0)
     res = evaluate_models({"base": str(base), "r1zero": str(final)}, heldout, sampling, out,
                           max_model_len=gcfg.rollout.max_model_len)
     report = {}

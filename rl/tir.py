@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,18 +113,17 @@ def run_tir(cfg: TIRConfig) -> dict[str, Any]:
 def evaluate_arm(arm: str, sft: Path, final: Path, gcfg, heldout: str, e: EvalSection, out: Path, llm,
                  llm_model: Path) -> dict[str, Any]:
     """Held-out pass@1 of the arm's SFT and GRPO models (with the arm's tools), and the tool statistics."""
-    from rl.eval.harness import Sampling, evaluate_models
+    from rl.eval.harness import evaluate_models
+    from rl.grpo.driver import validation_sampling
 
-    r = gcfg.rollout
-    sampling = Sampling(temperature=e.temperature, top_p=1.0, n=e.samples, max_tokens=e.max_tokens,
-                        template=gcfg.data.template, force_think=gcfg.data.force_think, tools=r.tools,
-                        max_tool_calls=r.max_tool_calls, tool_timeout_s=r.tool_timeout_s,
-                        tool_memory_mb=r.tool_memory_mb)
+    # the run's own prompt template, <think> forcing and tool settings; the pipeline's eval sampling
+    sampling = replace(validation_sampling(gcfg), temperature=e.temperature, n=e.samples, max_tokens=e.max_tokens,
+                       seed=0)
     res = evaluate_models({"sft": str(sft), "grpo": str(final)}, heldout, sampling, out / arm, llm=llm,
                           llm_model=llm_model)
     m = res["grpo"]["metrics"]
     report = {"accuracy": m["pass@1"], "ci95": [m["pass@1_ci95_low"], m["pass@1_ci95_high"]],
-              "sft_accuracy": res["sft"]["metrics"]["pass@1"], "tools": r.tools or None,
+              "sft_accuracy": res["sft"]["metrics"]["pass@1"], "tools": gcfg.rollout.tools or None,
               "grpo_steps": gcfg.trainer.max_steps, "failed_samples": res["grpo"]["failed"]}
     t = res["grpo"].get("tools")
     if t:

@@ -15,7 +15,7 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from rewards.extract import final_answers
 from rewards.math import CORRECT, FAILED, GRADER_STATS, WRONG, grade_answers, grade_batch
 from rewards.outcome import is_failed
 from rl.eval.metrics import aggregate
+from rl.rollout.tools import ToolSpec, strip_outputs
 
 MAX_FAILED_EXAMPLES = 5
 
@@ -43,9 +44,7 @@ class Sampling:
     template: str = "chat"          # chat | r1_zero | plain (see data.prompts.build_prompt)
     force_think: bool = False
     tools: str = ""                 # "" or "python": multi-turn sampling with sandboxed calls (rl.rollout.tools)
-    max_tool_calls: int = 2
-    tool_timeout_s: float = 5.0
-    tool_memory_mb: int = 256
+    tool: ToolSpec = field(default_factory=ToolSpec)   # limits of those calls
 
 
 def read_completions(path: str | Path, problems: list[dict[str, Any]]) -> dict[int, list[str]]:
@@ -108,13 +107,12 @@ def _context_len(model: str, want: int) -> int:
 
 def _tool_completions(llm, tok, problems, prompts, params, sampling: Sampling, prefix: str,
                       tool_samples: dict | None) -> dict[int, list[str]]:
-    from rl.rollout.tools import ToolSpec, as_sample, generate_with_tools
+    from rl.rollout.tools import as_sample, generate_with_tools
 
-    spec = ToolSpec(max_calls=sampling.max_tool_calls, timeout_s=sampling.tool_timeout_s,
-                    memory_mb=sampling.tool_memory_mb)
     ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
     out: dict[int, list[str]] = {}
-    for i, trajs in tqdm(generate_with_tools(llm, ids, params, spec, tok), total=len(ids), desc="tool rollouts"):
+    for i, trajs in tqdm(generate_with_tools(llm, ids, params, sampling.tool, tok), total=len(ids),
+                         desc="tool rollouts"):
         samples = [as_sample(t, tok) for t in trajs]
         out[problems[i]["index"]] = [prefix + s["text"] for s in samples]
         if tool_samples is not None:
@@ -176,8 +174,6 @@ def grade(spec: Benchmark, problems: list[dict[str, Any]], completions: Mapping[
           timeout_s: float = 5.0, policy_text: bool = False) -> list[dict[str, Any]]:
     """One record per sample: index, sample, answer (extracted), status, reason (failed only), correct.
     policy_text: grade the policy's own text (tool transcripts: inserted output blocks removed)."""
-    from rl.rollout.tools import strip_outputs
-
     by_index = {p["index"]: p for p in problems}
     flat = [(i, k, c) for i, cs in completions.items() for k, c in enumerate(cs)]
     records = []

@@ -59,11 +59,9 @@ class RolloutConfig:
         require(self.tool_max_output_chars >= 16, "rollout.tool_max_output_chars", "must be >= 16")
 
     def tool_spec(self):
-        """The tool-call limits of rl.rollout.tools (None when tools are off)."""
+        """The limits of tool calls (rl.rollout.tools.ToolSpec); calls happen only when `tools` is set."""
         from rl.rollout.tools import ToolSpec
 
-        if not self.tools:
-            return None
         return ToolSpec(max_calls=self.max_tool_calls, timeout_s=self.tool_timeout_s, memory_mb=self.tool_memory_mb,
                         max_output_chars=self.tool_max_output_chars)
 

@@ -93,8 +93,7 @@ def validation_sampling(cfg: GRPOConfig):
     r = cfg.rollout
     return Sampling(temperature=lc.val_temperature, top_p=1.0, n=lc.val_samples, max_tokens=r.max_new_tokens,
                     seed=cfg.trainer.seed, template=cfg.data.template, force_think=cfg.data.force_think,
-                    tools=r.tools, max_tool_calls=r.max_tool_calls, tool_timeout_s=r.tool_timeout_s,
-                    tool_memory_mb=r.tool_memory_mb)
+                    tools=r.tools, tool=r.tool_spec())
 
 
 def strictly_on_policy(cfg: GRPOConfig) -> bool:

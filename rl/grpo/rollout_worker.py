@@ -93,8 +93,8 @@ class RolloutWorker:
         """(prompt index, sample dicts) as groups finish: single-turn, or multi-turn with tool calls."""
         from rl.rollout.vllm_engine import generate_stream
 
-        spec = self.cfg.rollout.tool_spec()
-        if spec is None:
+        r = self.cfg.rollout
+        if not r.tools:
             for i, samples in generate_stream(self.llm, prompt_ids, params):
                 yield i, [{"token_ids": s.token_ids, "text": s.text, "logprobs": s.logprobs,
                            "finish_reason": s.finish_reason} for s in samples]
@@ -102,7 +102,7 @@ class RolloutWorker:
         from rl.rollout.tools import as_sample, generate_with_tools
 
         tok = self.llm.get_tokenizer()
-        for i, trajs in generate_with_tools(self.llm, prompt_ids, params, spec, tok):
+        for i, trajs in generate_with_tools(self.llm, prompt_ids, params, r.tool_spec(), tok):
             yield i, [as_sample(t, tok) for t in trajs]
 
     def _score_group(self, samples: list[dict], row: dict[str, Any]):

@@ -44,7 +44,6 @@ CLOSE_FENCE = "\n```\n"
 OUTPUT_OPEN, OUTPUT_CLOSE = "```output\n", "\n```\n"
 _OUTPUT_BLOCK = re.compile(r"```output\n.*?\n```\n?", re.S)
 _IDS = itertools.count()
-TOOLS = ("python",)
 
 
 @dataclass(frozen=True)
