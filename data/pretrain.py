@@ -12,13 +12,18 @@ addition), from *train-split* problems only (`data.tasks.split_of`: the held-out
             never the tag `think`
   question  "What is 35 + 48?", a sentence of English, then the column steps and the sum (no tags)
   english   a few sentences of plain English (web text), none of them the R1 template or its instruction
+  glossary  a dictionary page, "think: to use the mind to form ideas ...": ordinary words at the start of a line
 Some worked documents end with "The answer is \\boxed{83}." as math text does. Documents are separated by the
 tokenizer's end-of-text token when the corpus is tokenized, so the model learns that a document stops.
 `check_base_corpus` asserts what the base model must not have seen (tested).
 
-Knobs for the tag-copying experiments (docs/demo.md, "What did not work"): `random_tags` = share of tagged
-documents whose tag name is invented (`pseudo_word`) or, with `tag_names`, drawn from that list (`think`
-always dropped), so that closing the tag means copying its name rather than recalling a known pair.
+Closing `<think>` is what the base model must do unprompted, and it never saw that tag: it has to *copy* the
+name of the open tag, and it can only write a token it was trained to predict. Hence (docs/demo.md, "R1-Zero"):
+`random_tags` = share of tagged documents whose tag name is drawn from `tag_names` (a list; "vocab": every
+lowercase word piece of the base tokenizer, `vocab_tag_names`; "glossary": the glossary's words) or invented
+(`pseudo_word`), `think` and the held-out control words (HELDOUT_TAG_WORDS) always left out, so that closing a
+tag is learned as copying its name rather than recalling known pairs; the glossary kind makes `think` a live
+token, seen in plain text only.
 """
 from __future__ import annotations
 
@@ -37,7 +42,45 @@ TAG_WORDS = ("work", "calc", "scratch", "steps", "notes", "draft", "sum", "note"
              "area", "zone", "field", "space", "frame", "panel", "label", "title", "head", "foot", "span", "aux",
              "temp", "tmp", "pad", "log", "out", "calcs", "sums", "ans")
 TAGS = tuple(t for t in TAG_WORDS if t != "think")
-KINDS = ("prose", "lines", "table", "qa", "tagged", "question", "english")
+# A glossary (dictionary page, word list): each word starts a line, so its BPE token without a leading space is
+# a live token, as in web text, where "think" follows "(", '"', "#", a newline or "<" countless times. A token
+# the corpus never contains is never a training target, and next-token training drives its logit down: the
+# base model could not write `</think>` however well it copied tag names (measured: p(think | "</") = 0.0002).
+GLOSSARY = {
+    "think": "to use the mind to form ideas or to decide", "work": "effort spent to make or do something",
+    "reason": "a cause or an explanation", "mind": "the part of a person that thinks and feels",
+    "answer": "what is said or written in reply to a question", "question": "a sentence that asks for an answer",
+    "idea": "a thought or a plan", "plan": "a set of steps decided in advance", "note": "a short written record",
+    "check": "to look again to be sure", "solve": "to find the answer to a problem", "sum": "the result of adding",
+    "carry": "to move a digit to the next column", "digit": "one of the signs 0 to 9", "step": "one stage of a process",
+    "proof": "an argument that shows something is true", "draft": "a first version of a text",
+    "guess": "an answer given without being sure", "hint": "a small piece of help", "trace": "a mark left behind",
+    "method": "a way of doing something", "logic": "the study of correct reasoning", "memo": "a short message",
+    "sketch": "a quick rough drawing", "test": "a way to find out if something works", "try": "to make an attempt",
+    "table": "a piece of furniture, or rows and columns of data", "list": "items written one after another",
+    "page": "one side of a sheet of paper", "line": "a long thin mark, or a row of text", "text": "written words",
+    "box": "a container with flat sides", "card": "a piece of stiff paper", "book": "pages bound together",
+    "story": "an account of events", "river": "a large stream of water", "market": "a place to buy and sell",
+    "bread": "a food made of flour and water", "music": "sounds arranged in time", "door": "a way into a room",
+    "room": "a space inside a building", "friend": "a person you like and trust", "map": "a drawing of an area",
+    "train": "a line of railway cars", "coffee": "a hot drink made from beans", "morning": "the early part of the day",
+    "evening": "the late part of the day", "teacher": "a person who helps others learn", "student": "a person who learns",
+    "puzzle": "a problem made for fun", "riddle": "a puzzling question", "chapter": "a part of a book",
+    "article": "a piece of writing in a paper", "process": "a series of actions", "speak": "to say words",
+    "write": "to put words on paper", "read": "to look at words and understand them", "learn": "to gain knowledge",
+    "count": "to say numbers in order", "add": "to put numbers together", "total": "the whole amount",
+    "result": "what comes at the end", "final": "coming last", "first": "coming before all others",
+    "second": "coming after the first", "number": "a word or sign for an amount", "problem": "a question to solve",
+    "example": "one case that shows a rule", "rule": "what must be done", "order": "the way things follow",
+    "change": "to make different", "remember": "to keep in mind", "believe": "to hold as true",
+    "wonder": "to want to know", "decide": "to make a choice", "explain": "to make clear", "show": "to let be seen",
+    "feel": "to sense", "know": "to be sure of", "see": "to notice with the eyes", "ask": "to put a question",
+    "reply": "an answer", "summary": "a short statement of the main points", "detail": "a small part",
+    "brief": "short", "aside": "a remark to the side", "quote": "words repeated from another", "code": "a set of signs",
+}
+# Glossary words that are never tag names (besides think): the control for "copies an unseen tag name"
+HELDOUT_TAG_WORDS = ("believe", "wonder", "remember", "decide", "explain", "feel", "know", "speak", "learn", "see")
+KINDS = ("prose", "lines", "table", "qa", "tagged", "question", "english", "glossary")
 DEFAULT_MIX = {"prose": 0.05, "lines": 0.15, "table": 0.0, "qa": 0.0, "tagged": 0.3, "question": 0.45,
                "english": 0.05}
 ENGLISH = [
@@ -73,6 +116,16 @@ def pseudo_word(rng: random.Random) -> str:
     """A fresh made-up tag name ("bako", "tirelu"): a tag a model has never seen can only be closed by copying
     the name from its opening tag, which is what closing `<think>` needs."""
     return "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(1, 3)))
+
+
+def vocab_tag_names(tokenizer) -> list[str]:
+    """Tag names from a tokenizer's vocabulary: every lowercase ASCII word piece without a leading space (as it
+    follows "<" in markup), minus `think`, the held-out control words and any piece inside them (`hink`), so
+    that closing those tags can only be learned as copying. Web markup has thousands of tag names; hundreds of
+    single-token names, each rare, make a copy circuit cheaper for a tiny model than memorising the pairs."""
+    banned = ("think",) + HELDOUT_TAG_WORDS
+    return sorted(w for w in tokenizer.get_vocab() if w.isascii() and w.isalpha() and w.islower() and len(w) >= 2
+                  and not any(w in b for b in banned))
 
 
 def train_pairs(min_value: int = 10, max_value: int = 99) -> list[tuple[int, int]]:
@@ -129,6 +182,10 @@ def doc(kind: str, a: int, b: int, rng: random.Random, boxed_p: float = 0.5, ran
         return _question(a, b, rng, 1, 3) + work + f"\nSo {a}+{b}={s}." + _boxed(s, rng, boxed_p)
     if kind == "english":
         return " ".join(rng.sample(ENGLISH, rng.randint(2, 5)))
+    if kind == "glossary":
+        words = rng.sample(sorted(GLOSSARY), rng.randint(3, 6))
+        return rng.choice(["Glossary\n", "Word list\n", "Vocabulary:\n", ""]) + "\n".join(
+            rng.choice(["{w}: {d}.", "{w} - {d}.", "{w} ({d})"]).format(w=w, d=GLOSSARY[w]) for w in words)
     if kind == "tagged":
         if rng.random() < random_tags:
             tag = rng.choice(tag_names) if tag_names else pseudo_word(rng)
@@ -143,7 +200,7 @@ def doc(kind: str, a: int, b: int, rng: random.Random, boxed_p: float = 0.5, ran
 
 
 def base_corpus(n_docs: int, seed: int = 0, mix: dict[str, float] | None = None, boxed_p: float = 0.5,
-                context_p: float = 0.6, random_tags: float = 0.0, tag_names: list[str] | None = None) -> list[str]:
+                context_p: float = 0.6, random_tags: float = 0.0, tag_names: list[str] | str | None = None) -> list[str]:
     """n_docs documents of the mix (kind -> weight) over train-split additions of two 2-digit numbers."""
     mix = dict(mix or DEFAULT_MIX)
     unknown = sorted(set(mix) - set(KINDS))
@@ -151,12 +208,15 @@ def base_corpus(n_docs: int, seed: int = 0, mix: dict[str, float] | None = None,
         raise ValueError(f"base corpus mix: unknown kinds {unknown}; known: {list(KINDS)}")
     rng = random.Random(f"pretrain:{seed}")
     pairs = train_pairs()
+    if tag_names == "glossary":   # every glossary word but think and the held-out control words
+        tag_names = [w for w in GLOSSARY if w not in HELDOUT_TAG_WORDS]
+    names = tuple(t for t in tag_names or () if t != "think")
     kinds, weights = zip(*[(k, w) for k, w in mix.items() if w > 0])
     out = []
     for _ in range(n_docs):
         a, b = rng.choice(pairs)
         kind = rng.choices(kinds, weights)[0]
-        d = doc(kind, a, b, rng, boxed_p, random_tags, tuple(t for t in tag_names or () if t != "think"))
+        d = doc(kind, a, b, rng, boxed_p, random_tags, names)
         if kind != "english" and rng.random() < context_p:
             # web pages put math after unrelated text: the model learns to find the problem by its content,
             # wherever it is (a long prompt in front of a question must not derail it)

@@ -2,12 +2,12 @@
 
   1. build the tokenizer and a tiny Qwen2 base model
   2. cold-start SFT on worked traces (TRL SFTTrainer)
-  3. R1-Zero-style GRPO from the SFT model (Ray: vLLM rollout worker + FSDP2 trainer workers)
+  3. GRPO from the SFT model (R1's reasoning-oriented RL after the cold start) (Ray: vLLM rollout worker + FSDP2 trainer workers)
   4. distillation: the GRPO model generates traces, rejection sampling keeps the verified ones, and a smaller
      Llama student is trained on them (TRL SFTTrainer)
   5. evaluation of the SFT model, the GRPO model and the student on the same held-out problems with the eval
      harness (pass@1 over several samples at temperature 1.0)
-  6. R1-Zero (when `r1zero.config` is set): a base model pretrained on plain text (no template, no <think>),
+  6. R1-Zero (on in configs/demo.yaml; empty `r1zero.config` skips it): a base model pretrained on plain text (no template, no <think>),
      GRPO straight from it with the R1-Zero template and accuracy + format rewards, both evaluated on the
      same held-out problems (rl/r1zero.py)
 
@@ -125,27 +125,28 @@ def main(argv: list[str] | None = None) -> int:
     reused_s: dict[str, float] = {}  # original times of stages this invocation reused
     before = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
 
-    t0 = _stage("1/5 tokenizer and tiny Qwen2 base model")
+    n = 6 if cfg.r1zero.config else 5
+    t0 = _stage(f"1/{n} tokenizer and tiny Qwen2 base model")
     from rl.tiny import build_tiny
 
     art = build_tiny()
     print(f"base model: {art.qwen2} ({time.time() - t0:.1f}s)")
 
-    t0 = _stage("2/5 cold-start SFT (TRL)")
+    t0 = _stage(f"2/{n} cold-start SFT (TRL)")
     sft_dir = out / "sft"
     sft_summary, reused = run_sft_stage(cfg, data, sft_dir)
     loss = f"{sft_summary['first_loss']:.3f} -> {sft_summary['last_loss']:.3f}"
     print(f"SFT loss {loss} ({time.time() - t0:.1f}s)")
     timings["sft_s"] = _took(t0, reused, before, "sft_s", reused_s)
 
-    t0 = _stage("3/5 GRPO on Ray (vLLM rollouts, FSDP2 trainers)")
+    t0 = _stage(f"3/{n} GRPO on Ray (vLLM rollouts, FSDP2 trainers)")
     grpo_dir = out / "grpo"
     reused = run_grpo_stage(cfg, data, sft_dir / "final", grpo_dir)
     plot_curves(grpo_dir / "metrics.jsonl", out / "curves.png")
     print(f"GRPO done ({time.time() - t0:.1f}s); curves at {out / 'curves.png'}")
     timings["grpo_s"] = _took(t0, reused, before, "grpo_s", reused_s)
 
-    t0 = _stage("4/5 distillation into a smaller Llama student, and 5/5 held-out evaluation (eval harness)")
+    t0 = _stage(f"4/{n} distillation into a smaller Llama student, and 5/{n} held-out evaluation (eval harness)")
     dist, reused = run_distill_stage(cfg, data, grpo_dir / "final", sft_dir / "final", out / "distill")
     timings["distill_and_eval_s"] = _took(t0, reused, before, "distill_and_eval_s", reused_s)
 
@@ -184,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         lo, hi = summary[name]["ci95"]
         print(f"{name:<8} {summary[name]['accuracy']:>8.3f}   [{lo:.3f}, {hi:.3f}]")
     ratio = summary["distill_over_grpo"]
+    if "r1zero" in summary:
+        r1z = summary["r1zero"]
+        for name, acc, ci in (("base", r1z["base_accuracy"], r1z["base_ci95"]), ("r1zero", r1z["accuracy"], r1z["ci95"])):
+            print(f"{name:<8} {acc:>8.3f}   [{ci[0]:.3f}, {ci[1]:.3f}]")
     print(f"GRPO gain over SFT: {summary['grpo_gain']:+.3f}; student / GRPO: "
           f"{'n/a' if ratio is None else f'{ratio:.2f}'}; distillation kept {ds['kept']}/{ds['candidates']} "
           f"traces (acceptance {ds['acceptance_rate']:.3f})")

@@ -138,13 +138,12 @@ def test_all_shipped_configs_validate():
     load_config(SFTStageConfig, "configs/tiny_sft.yaml")
     load_config(SFTStageConfig, "configs/r1zero_pretrain.yaml")
     load_config(DistillConfig, "configs/tiny_distill.yaml")
-    demo = load_config(PipelineConfig, "configs/demo.yaml")
-    with_r1zero = load_config(PipelineConfig, "configs/demo.yaml", ["r1zero_pretrain.config=configs/r1zero_pretrain.yaml",
-                                                                     "r1zero.config=configs/r1zero_grpo.yaml"])
-    with_r1zero.r1zero_pretrain.load(SFTStageConfig)
-    with_r1zero.r1zero.load(GRPOConfig)
+    demo = load_config(PipelineConfig, "configs/demo.yaml")          # R1-Zero (stage 6) is on in the demo
+    demo.r1zero_pretrain.load(SFTStageConfig)
+    demo.r1zero.load(GRPOConfig)
+    load_config(PipelineConfig, "configs/demo.yaml", ["r1zero_pretrain.config=", "r1zero.config="])  # off
     with pytest.raises(ConfigError, match="r1zero"):
-        load_config(PipelineConfig, "configs/demo.yaml", ["r1zero.config=configs/r1zero_grpo.yaml"])
+        load_config(PipelineConfig, "configs/demo.yaml", ["r1zero_pretrain.config="])
     for stage, cls in (("sft", SFTStageConfig), ("grpo", GRPOConfig), ("distill", DistillConfig)):
         getattr(demo, stage).load(cls)
 

@@ -85,3 +85,45 @@ def test_invented_tag_names_never_spell_think(names):
     for d in docs:
         opened = re.findall(r"<(\w+)>\n", d)
         assert opened and all(f"</{t}>" in d for t in opened)
+
+
+def test_glossary_makes_think_a_live_token_without_a_think_tag():
+    """A token the corpus never contains is never a training target and cannot be written: the glossary pages
+    put `think` (the word piece that follows "<" or "</") in plain text, never in a tag."""
+    from transformers import AutoTokenizer
+
+    from data.pretrain import GLOSSARY
+    from rl.tiny import build_base_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(build_base_tokenizer())
+    assert "think" in GLOSSARY and tok.tokenize("</think>")[1] == "think"
+    docs = base_corpus(2000, seed=2, mix={"glossary": 1.0, "tagged": 1.0}, random_tags=1.0,
+                       tag_names=["work", "think"])
+    assert re.search(r"</?\s*think\s*>", "\n".join(docs)) is None
+    ids = [t for d in docs for t in tok.tokenize(d)]
+    assert ids.count("think") > 20          # the word piece itself, not only " think" with its leading space
+
+
+def test_vocab_tag_names_leave_out_think_and_the_heldout_controls():
+    from transformers import AutoTokenizer
+
+    from data.pretrain import HELDOUT_TAG_WORDS, vocab_tag_names
+    from rl.tiny import build_base_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(build_base_tokenizer())
+    names = vocab_tag_names(tok)
+    assert len(names) > 300 and "work" in names
+    banned = ("think",) + HELDOUT_TAG_WORDS
+    assert not [n for n in names if any(n in b for b in banned)]      # not even a piece such as "hink"
+    assert all(len(tok.tokenize(f"<{n}>")) == 3 for n in names[:50])  # "<", the name as one token, ">"
+    docs = base_corpus(3000, seed=4, random_tags=1.0, tag_names=names, mix={"tagged": 1.0})
+    used = {t for d in docs for t in re.findall(r"<(\w+)>\n", d)}
+    assert len(used) > 200 and not used & set(banned)
+
+
+def test_glossary_tag_names_keep_the_controls_out():
+    from data.pretrain import HELDOUT_TAG_WORDS
+
+    docs = base_corpus(2000, seed=6, random_tags=1.0, tag_names="glossary", mix={"tagged": 1.0})
+    used = {t for d in docs for t in re.findall(r"<(\w+)>\n", d)}
+    assert used and not used & (set(HELDOUT_TAG_WORDS) | {"think"})

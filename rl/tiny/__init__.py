@@ -88,16 +88,16 @@ def base_corpus_for_tokenizer(n_docs: int = 4000, seed: int = 0) -> list[str]:
                "provides the answer. Please reason step by step, and put your final answer within a box.",
                "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 + - * / = ( ) [ ] { } , . ? ! : ;"
                " < > ^ _ $ % # & ' \" \\ | ~ `"]
-    from data.pretrain import TAG_WORDS
+    from data.pretrain import GLOSSARY, TAG_WORDS
     # ordinary words a real BPE vocabulary has whole (tag names; "think" is an English word like any other)
     # (one per line: the word token without a leading space, as it follows "<" or "</" in markup)
-    words = "\n".join(TAG_WORDS + ("think", "answer", "reasoning", "process", "question"))
+    words = "\n".join(dict.fromkeys(TAG_WORDS + tuple(GLOSSARY) + ("reasoning",)))
     return base_corpus(n_docs, seed) + english * 50 + [words] * 1000
 
 
-def build_base_tokenizer(vocab_size: int = 1024, seed: int = 0) -> Path:
+def build_base_tokenizer(vocab_size: int = 1280, seed: int = 0) -> Path:
     """Cached path of a base model's tokenizer (no think tokens, no chat template; see train_tokenizer)."""
-    payload = {"vocab_size": vocab_size, "seed": seed, "kind": "base", "corpus": 4}
+    payload = {"vocab_size": vocab_size, "seed": seed, "kind": "base", "corpus": 5}
     return _cached_build("tokenizer-base", payload,
                          lambda d: train_tokenizer(base_corpus_for_tokenizer(seed=seed), d, vocab_size=vocab_size,
                                                    base=True))
