@@ -118,14 +118,32 @@ def pseudo_word(rng: random.Random) -> str:
     return "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(1, 3)))
 
 
+NEVER_TAGS = ("think",) + HELDOUT_TAG_WORDS   # never a tag name, whatever list the names come from
+
+
 def vocab_tag_names(tokenizer) -> list[str]:
     """Tag names from a tokenizer's vocabulary: every lowercase ASCII word piece without a leading space (as it
     follows "<" in markup), minus `think`, the held-out control words and any piece inside them (`hink`), so
     that closing those tags can only be learned as copying. Web markup has thousands of tag names; hundreds of
     single-token names, each rare, make a copy circuit cheaper for a tiny model than memorising the pairs."""
-    banned = ("think",) + HELDOUT_TAG_WORDS
     return sorted(w for w in tokenizer.get_vocab() if w.isascii() and w.isalpha() and w.islower() and len(w) >= 2
-                  and not any(w in b for b in banned))
+                  and not any(w in b for b in NEVER_TAGS))
+
+
+def resolve_tag_names(tag_names: list[str] | str | None, tokenizer=None) -> tuple[str, ...]:
+    """The tag-name list a corpus draws from: a list as given, "glossary" (the glossary's words) or "vocab"
+    (`vocab_tag_names`, needs the tokenizer); NEVER_TAGS always dropped. Any other string is an error (it would
+    otherwise be iterated as single letters)."""
+    if isinstance(tag_names, str):
+        if tag_names == "glossary":
+            tag_names = list(GLOSSARY)
+        elif tag_names == "vocab":
+            if tokenizer is None:
+                raise ValueError("base corpus: tag_names='vocab' needs the base model's tokenizer")
+            tag_names = vocab_tag_names(tokenizer)
+        else:
+            raise ValueError(f"base corpus: tag_names={tag_names!r}; a list of names, 'glossary' or 'vocab'")
+    return tuple(t for t in tag_names or () if t not in NEVER_TAGS)
 
 
 def train_pairs(min_value: int = 10, max_value: int = 99) -> list[tuple[int, int]]:
@@ -200,17 +218,17 @@ def doc(kind: str, a: int, b: int, rng: random.Random, boxed_p: float = 0.5, ran
 
 
 def base_corpus(n_docs: int, seed: int = 0, mix: dict[str, float] | None = None, boxed_p: float = 0.5,
-                context_p: float = 0.6, random_tags: float = 0.0, tag_names: list[str] | str | None = None) -> list[str]:
-    """n_docs documents of the mix (kind -> weight) over train-split additions of two 2-digit numbers."""
+                context_p: float = 0.6, random_tags: float = 0.0, tag_names: list[str] | str | None = None,
+                tokenizer=None) -> list[str]:
+    """n_docs documents of the mix (kind -> weight) over train-split additions of two 2-digit numbers
+    (tag_names, tokenizer: `resolve_tag_names`)."""
     mix = dict(mix or DEFAULT_MIX)
     unknown = sorted(set(mix) - set(KINDS))
     if unknown:
         raise ValueError(f"base corpus mix: unknown kinds {unknown}; known: {list(KINDS)}")
     rng = random.Random(f"pretrain:{seed}")
     pairs = train_pairs()
-    if tag_names == "glossary":   # every glossary word but think and the held-out control words
-        tag_names = [w for w in GLOSSARY if w not in HELDOUT_TAG_WORDS]
-    names = tuple(t for t in tag_names or () if t != "think")
+    names = resolve_tag_names(tag_names, tokenizer)
     kinds, weights = zip(*[(k, w) for k, w in mix.items() if w > 0])
     out = []
     for _ in range(n_docs):

@@ -127,3 +127,30 @@ def test_glossary_tag_names_keep_the_controls_out():
     docs = base_corpus(2000, seed=6, random_tags=1.0, tag_names="glossary", mix={"tagged": 1.0})
     used = {t for d in docs for t in re.findall(r"<(\w+)>\n", d)}
     assert used and not used & (set(HELDOUT_TAG_WORDS) | {"think"})
+
+
+def test_the_shipped_pretraining_config_draws_tag_names_from_the_vocabulary():
+    """configs/r1zero_pretrain.yaml's `tag_names: vocab` reaches the corpus as the vocabulary's word pieces (a
+    string passed through unresolved was once iterated as the single letters v, o, c, a, b)."""
+    from transformers import AutoTokenizer
+
+    from data.loading import DataError
+    from data.pretrain import resolve_tag_names, vocab_tag_names
+    from rl.config import load_config, resolve_model_path
+    from rl.sft.config import SFTStageConfig
+    from rl.sft.train import text_dataset
+
+    cfg = load_config(SFTStageConfig, "configs/r1zero_pretrain.yaml", ["data.num_train=3000"])
+    assert cfg.data.task_knobs["tag_names"] == "vocab"
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path))
+    names = set(vocab_tag_names(tok))
+    used = {t for d in text_dataset(cfg.data, cfg.model.path)["text"] for t in re.findall(r"<(\w+)>\n", d)}
+    assert len(used) > 200 and used <= names and min(map(len, used)) >= 2
+    with pytest.raises(ValueError, match="needs the base model's tokenizer"):
+        resolve_tag_names("vocab")
+    with pytest.raises(ValueError, match="a list of names, 'glossary' or 'vocab'"):
+        resolve_tag_names("vocabulary")
+    bad = load_config(SFTStageConfig, "configs/r1zero_pretrain.yaml", ["data.num_train=10",
+                                                                      'data.task_knobs={"tag_names": "words"}'])
+    with pytest.raises(DataError, match="task_knobs"):
+        text_dataset(bad.data, bad.model.path)

@@ -49,24 +49,27 @@ def sft_dataset(dc: SFTDataConfig, model_path: str = "") -> Dataset:
 
 def text_dataset(dc: SFTDataConfig, model_path: str) -> Dataset:
     """Documents for plain next-token training: `pretrain:<task>` builds a base model's corpus (data.pretrain;
-    task_knobs: mix, boxed_p), anything else is read from `text_field`."""
+    task_knobs: the keyword arguments of data.pretrain.base_corpus, and pack_chars), anything else is read from `text_field`."""
     if dc.source.startswith("pretrain:"):
         from data.pretrain import base_corpus
 
         task = dc.source.split(":", 1)[1]
         if task != "arithmetic":
             raise DataError(f"data.source={dc.source}: pretraining text exists for: arithmetic")
+        from transformers import AutoTokenizer
+
+        from data.pretrain import pack
+        from rl.config import resolve_model_path
+
         knobs = dict(dc.task_knobs)
         pack_chars = int(knobs.pop("pack_chars", 0))
-        docs = base_corpus(dc.num_train, dc.seed, **knobs)
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(model_path))  # tag_names: vocab, and the eos
+        try:
+            docs = base_corpus(dc.num_train, dc.seed, tokenizer=tok, **knobs)
+        except (TypeError, ValueError) as e:
+            raise DataError(f"data.task_knobs={dict(dc.task_knobs)}: {e}") from None
         if pack_chars:
-            from data.pretrain import pack
-            from transformers import AutoTokenizer
-
-            from rl.config import resolve_model_path
-
-            eos = AutoTokenizer.from_pretrained(resolve_model_path(model_path)).eos_token
-            docs = pack(docs, eos, pack_chars)
+            docs = pack(docs, tok.eos_token, pack_chars)
         return Dataset.from_list([{"text": d} for d in docs])
     from data.loading import load_dataset
 
