@@ -2,13 +2,14 @@
 
   1. build the tokenizer and a tiny Qwen2 base model
   2. cold-start SFT on worked traces (TRL SFTTrainer)
-  3. GRPO from the SFT model (R1's reasoning-oriented RL after the cold start) (Ray: vLLM rollout worker + FSDP2 trainer workers)
+  3. GRPO from the SFT model, R1's reasoning-oriented RL after the cold start (Ray: vLLM rollout worker +
+     FSDP2 trainer workers)
   4. distillation: the GRPO model generates traces, rejection sampling keeps the verified ones, and a smaller
      Llama student is trained on them (TRL SFTTrainer)
   5. evaluation of the SFT model, the GRPO model and the student on the same held-out problems with the eval
      harness (pass@1 over several samples at temperature 1.0)
-  6. R1-Zero (on in configs/demo.yaml; empty `r1zero.config` skips it): a base model pretrained on plain text (no template, no <think>),
-     GRPO straight from it with the R1-Zero template and accuracy + format rewards, both evaluated on the
+  6. R1-Zero (on in configs/demo.yaml; empty `r1zero.config` skips it): a base model pretrained on plain text
+     (no template, no <think>), GRPO straight from it with the R1-Zero template and accuracy + format rewards, both evaluated on the
      same held-out problems (rl/r1zero.py)
 
 Outputs under `output_dir`: summary.json, curves.png, the GRPO metrics JSONL and TensorBoard logs, the
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "acceptance_rate": ds["acceptance_rate"], "path": ds["dataset"]}
     summary["student_model"] = dist["student"]["model"]
     if cfg.r1zero.config:
-        t0 = _stage("6/6 R1-Zero: pretrained base model -> GRPO, no SFT")
+        t0 = _stage(f"6/{n} R1-Zero: pretrained base model -> GRPO, no SFT")
         from rl.r1zero import run_r1zero_stage
 
         r1z_reused = (out / "r1zero" / "summary.json").exists()
@@ -180,15 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     summary["eval"] = {"problems": cfg.eval.problems, "samples": cfg.eval.samples,
                        "temperature": cfg.eval.temperature, "heldout": dist["heldout"]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\n{'model':<8} {'pass@1':>8}   95% CI")
-    for name in ("sft", "grpo", "distill"):
-        lo, hi = summary[name]["ci95"]
-        print(f"{name:<8} {summary[name]['accuracy']:>8.3f}   [{lo:.3f}, {hi:.3f}]")
-    ratio = summary["distill_over_grpo"]
+    rows = [(name, summary[name]["accuracy"], summary[name]["ci95"]) for name in ("sft", "grpo", "distill")]
     if "r1zero" in summary:
         r1z = summary["r1zero"]
-        for name, acc, ci in (("base", r1z["base_accuracy"], r1z["base_ci95"]), ("r1zero", r1z["accuracy"], r1z["ci95"])):
-            print(f"{name:<8} {acc:>8.3f}   [{ci[0]:.3f}, {ci[1]:.3f}]")
+        rows += [("base", r1z["base_accuracy"], r1z["base_ci95"]), ("r1zero", r1z["accuracy"], r1z["ci95"])]
+    print(f"\n{'model':<8} {'pass@1':>8}   95% CI")
+    for name, acc, (lo, hi) in rows:
+        print(f"{name:<8} {acc:>8.3f}   [{lo:.3f}, {hi:.3f}]")
+    ratio = summary["distill_over_grpo"]
     print(f"GRPO gain over SFT: {summary['grpo_gain']:+.3f}; student / GRPO: "
           f"{'n/a' if ratio is None else f'{ratio:.2f}'}; distillation kept {ds['kept']}/{ds['candidates']} "
           f"traces (acceptance {ds['acceptance_rate']:.3f})")
