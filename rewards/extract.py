@@ -1,9 +1,12 @@
-"""Answer extraction: the boxed answers after the last `</think>`.
+"""Answer extraction: the answers a completion states after the last `</think>`.
 
 `extract_answer` gives the last `\\boxed{...}` of the final answer region (what the format reward and the
-countdown checker read); `final_answers` gives every distinct boxed answer of that region, in order, which is
-what the math grader judges (several boxes can be the parts of one answer, e.g. `\\boxed{2}` and `\\boxed{3}`
-for "2, 3"; see rewards.math for how several boxes are judged).
+countdown checker read). `stated_answers` gives every answer the region states, in order: each box (an empty
+box is the empty answer "", never skipped) and each Minerva/MATH closing line "Final Answer: The final answer
+is X. I hope it is correct." (lm-evaluation-harness's minerva_math reads that line; accepted with either its
+"Final Answer:" head or its "I hope it is correct" tail). `final_answers(completion, policy)` orders them for
+the grader's two policies (rewards.math): "reward" keeps every distinct answer in order of first appearance,
+"eval" in order of last appearance, so that its last entry is the last answer stated.
 
 Linear-time scanning (no backtracking regex over model output), nested braces handled. Also accepted:
 `\\boxed 5` (a single token without braces, as some models write) and `\\fbox{...}`.
@@ -116,9 +119,10 @@ def _box_at(text: str, start: int, cmd: str, pairs: dict[int, int]) -> tuple[str
     return None, j
 
 
-def all_boxed(text: str) -> list[str]:
-    """Contents of every \\boxed{...} / \\fbox{...} in text, in order, stripped (a box inside a box is part of
-    the outer one's content; a box whose whole content is another box is unwrapped). Linear time."""
+def _boxes_at(text: str) -> list[tuple[int, str]]:
+    """(position, content) of every \\boxed{...} / \\fbox{...} in text, in order, stripped; an empty box gives
+    "" (a box inside a box is part of the outer one's content; a box whose whole content is another box is
+    unwrapped). Linear time."""
     out, i = [], 0
     first = _BOX_RE.search(text)
     if first is None:
@@ -128,12 +132,14 @@ def all_boxed(text: str) -> list[str]:
         if m.start() < i:  # inside a box already read
             continue
         content, i = _box_at(text, m.start(), m.group(), pairs)
-        if content is None:
-            continue
-        content = _unwrap(content.strip())
-        if content:
-            out.append(content)
+        if content is not None:
+            out.append((m.start(), _unwrap(content.strip())))
     return out
+
+
+def all_boxed(text: str) -> list[str]:
+    """Contents of every non-empty box in text, in order (see `_boxes_at`)."""
+    return [c for _, c in _boxes_at(text) if c]
 
 
 def _unwrap(content: str) -> str:
@@ -147,9 +153,45 @@ def _unwrap(content: str) -> str:
     return content
 
 
-def final_answers(completion: str) -> tuple[str, ...]:
-    """Every distinct non-empty boxed answer after the last </think>, in order of first appearance; () if none."""
+_FINAL_LINE = re.compile(r"(final answer:\s*)?the final answer is:?", re.IGNORECASE)
+_HOPE = re.compile(r"\.?\s*I hope it is correct", re.IGNORECASE)
+MAX_STATEMENT_CHARS = 200
+
+
+def _closing_statements(region: str) -> list[tuple[int, str]]:
+    """(position, X) of each "Final Answer: The final answer is X. I hope it is correct." line; X runs to the
+    "I hope" tail or the end of its line. A line with neither the head nor the tail, or whose X holds a box
+    (the box is read as a box) or is longer than MAX_STATEMENT_CHARS, states nothing."""
+    out = []
+    for m in _FINAL_LINE.finditer(region):
+        window = min(len(region), m.end() + MAX_STATEMENT_CHARS + 32)   # keeps the scan linear
+        eol = region.find("\n", m.end(), window)
+        eol = window if eol < 0 else eol
+        hope = _HOPE.search(region, m.end(), eol)
+        if not (m.group(1) or hope):
+            continue
+        text = region[m.end():hope.start() if hope else eol].strip()
+        text = text[:-1].rstrip() if text.endswith(".") else text
+        if text and len(text) <= MAX_STATEMENT_CHARS and not _BOX_RE.search(text):
+            out.append((m.start(), text))
+    return out
+
+
+def stated_answers(completion: str) -> tuple[str, ...]:
+    """Every answer stated after the last </think>, in order: boxes ("" for an empty box) and closing lines."""
+    region = answer_region(completion)
+    found = _boxes_at(region) + _closing_statements(region)
+    return tuple(a for _, a in sorted(found, key=lambda x: x[0]))
+
+
+def final_answers(completion: str, policy: str = "reward") -> tuple[str, ...]:
+    """The distinct stated answers after the last </think> (see `stated_answers`); () if none. policy "reward":
+    in order of first appearance; "eval": in order of last appearance (the last entry is the final answer)."""
+    answers = stated_answers(completion)
+    if policy == "eval":
+        answers = answers[::-1]
     seen: dict[str, None] = {}
-    for a in all_boxed(answer_region(completion)):
+    for a in answers:
         seen.setdefault(a, None)
-    return tuple(seen)
+    out = tuple(seen)
+    return out[::-1] if policy == "eval" else out

@@ -28,11 +28,11 @@ def accuracy(completion: str, sample: Mapping[str, Any]) -> float:
     """Task-aware correctness: countdown by evaluation, everything else by the (bounded) math grader."""
     if sample.get("task") == "countdown":
         return float(check_completion(completion, sample))
-    from rewards.math import verify
+    from rewards.math import REWARD_POLICY, verify
 
     if "answer" not in sample:
         raise KeyError(f"accuracy reward: the sample has no 'answer' field (fields: {sorted(sample)})")
-    return 1.0 if verify(completion, sample["answer"]) else 0.0  # raises GradingFailed for a failed item
+    return 1.0 if verify(completion, sample["answer"], policy=REWARD_POLICY) else 0.0  # raises GradingFailed for a failed item
 
 
 @register("format", trusted=True)

@@ -31,18 +31,22 @@ Label = str | None
 
 
 def _outer_set(s: str) -> str:
-    """`\\{1, 2\\}` -> `1, 2` when the outer braces enclose the whole answer."""
-    if not (s.startswith("\\{") and s.endswith("\\}")):
-        return s
-    depth = 0
-    for i in range(len(s) - 2):
-        if s.startswith("\\{", i):
-            depth += 1
-        elif s.startswith("\\}", i):
-            depth -= 1
-            if depth == 0:
-                return s  # "\{1\} \cup \{2\}": the first set closes before the end
-    return s[2:-2].strip()
+    """`\\{1, 2\\}` -> `1, 2` when the outer set braces enclose the whole answer; so do plain braces `{1, 2}`
+    (LaTeX grouping: they render as the list 1, 2, and math-verify reads them as a set)."""
+    for opener, closer in (("\\{", "\\}"), ("{", "}")):
+        if not (s.startswith(opener) and s.endswith(closer)) or len(s) < 2 * len(opener):
+            continue
+        depth, i = 0, 0
+        while i < len(s) - len(closer):
+            if s.startswith(opener, i):
+                depth += 1
+            elif s.startswith(closer, i):
+                depth -= 1
+                if depth == 0:
+                    return s  # "\{1\} \cup \{2\}": the first set closes before the end
+            i += 1 if opener == "{" or not s.startswith(("\\{", "\\}"), i) else 2
+        return s[len(opener):-len(closer)].strip()
+    return s
 
 
 def _top_level_split(s: str) -> list[str]:

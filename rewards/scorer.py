@@ -34,7 +34,7 @@ from typing import Any
 
 from rewards.countdown import check_completion
 from rewards.extract import final_answers
-from rewards.math import Verdict, grader_pool, judge, judge_bounded
+from rewards.math import REWARD_POLICY, Verdict, grader_pool, judge, judge_bounded
 from rewards.outcome import RewardFailed, is_failed
 from rewards.pool import ERROR, OK, TIMEOUT, GraderUnavailable, HardTimeoutPool
 from rewards.registry import RewardFn, get
@@ -108,7 +108,7 @@ class RewardScorer:
                 continue
             if "answer" not in s:
                 raise KeyError(f"accuracy reward: sample {i} has no 'answer' field (fields: {sorted(s)})")
-            key = (final_answers(c), str(s["answer"]))
+            key = (final_answers(c, REWARD_POLICY), str(s["answer"]))
             cached = self._cached(key)
             if key in slow or cached is not None:
                 stats["cache_hits"] += 1
@@ -117,14 +117,14 @@ class RewardScorer:
                 else:
                     col.values[i] = float(cached)  # type: ignore[arg-type]
                 continue
-            v = judge(*key, slow=False)
+            v = judge(*key, REWARD_POLICY, slow=False)
             if v is None:
                 slow[key] = [i]
             else:
                 self._settle(key, v, [i], col, stats)
         if slow:
-            verdicts = judge_bounded(list(slow), timeout_s=self.timeout_s, deadline_s=self.batch_timeout_s,
-                                     pool=self.pool)
+            verdicts = judge_bounded(list(slow), policy=REWARD_POLICY, timeout_s=self.timeout_s,
+                                     deadline_s=self.batch_timeout_s, pool=self.pool)
             for (key, idx), v in zip(slow.items(), verdicts):
                 self._settle(key, v, idx, col, stats)
         stats["slow_path"] += len(slow)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_grader_policies import CLASSES
 from test_math_grader import MULTI_BOX, TABLE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,8 +39,11 @@ def _program(tmp_path: Path, guarded: bool) -> str:
 
 def _suite() -> tuple[list[tuple[str, str]], list[str]]:
     cases = [(f"<think>\nwork\n</think>\nThe answer is $\\boxed{{{p}}}$.", str(g)) for p, g, _, _ in TABLE]
-    cases += [(f"<think>\nwork\n</think>\n{a}", g) for a, g, _, _ in MULTI_BOX]
-    expected = ["correct" if e else "wrong" for _, _, e, _ in TABLE + MULTI_BOX]
+    cases += [(f"<think>\nwork\n</think>\n{a}", g) for a, g, *_ in MULTI_BOX]
+    cases += [(c, g) for c, g, _, _ in CLASSES]
+    expected = ["correct" if e else "wrong" for _, _, e, _ in TABLE]
+    expected += ["correct" if e else "wrong" for *_, e, _ in MULTI_BOX]  # grade_batch's default: the eval policy
+    expected += ["correct" if e else "wrong" for _, _, e, _ in CLASSES]
     cases += [("\\boxed{x^2+1}", "\\frac{"), ("\\boxed{1/2}", "")]  # golds that do not parse
     expected += ["failed", "failed"]
     return cases, expected

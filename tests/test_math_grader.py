@@ -135,22 +135,23 @@ TABLE = [
     ("28 percent", "0.29", False, "percent vs other decimal"),
 ]
 
-# (completion's answer text after </think>, gold, expected verdict, form): several boxes
+# (completion's answer text after </think>, gold, verdict under the reward policy, under the eval policy, form):
+# several boxes. Rewards: every stated answer must be right (hedging never pays); evaluation: the last answer
+# decides, as math-verify and the R1 evaluation do (rewards.math).
 MULTI_BOX = [
-    ("\\boxed{2} and \\boxed{3}", "2, 3", True, "two boxes for two solutions"),
-    ("\\boxed{3} and \\boxed{2}", "2, 3", True, "two boxes reordered"),
-    ("\\boxed{x = 2} or \\boxed{x = 3}", "2, 3", True, "two boxed equations"),
-    ("\\boxed{(2, 2)} and \\boxed{(6, 2)}", "(2,2),(6,2)", True, "two boxed pairs"),
-    ("\\boxed{(2, 2)} and \\boxed{(6, 2)}", "\\{(2,2),(6,2)\\}", True, "two boxed pairs vs set"),
-    ("\\boxed{(2, 2)} and \\boxed{(2, 6)}", "(2,2),(6,2)", False, "two boxed pairs, one reversed"),
-    ("\\boxed{2} and \\boxed{3}", "2, 3, 4", False, "two boxes for three solutions"),
-    ("\\boxed{2} or maybe \\boxed{3}", "3", False, "hedge: last box right"),
-    ("\\boxed{2} or maybe \\boxed{3}", "2", False, "hedge: first box right"),
-    ("\\boxed{5}. So the answer is \\boxed{5}.", "5", True, "repeated box"),
-    ("\\boxed{15\\frac{39}{40}}, or \\boxed{\\frac{639}{40}}", "\\frac{639}{40}", True, "two forms of one answer"),
-    ("\\boxed{\\frac{1}{2}} = \\boxed{0.5}", "0.5", True, "two equal numbers"),
+    ("\\boxed{2} and \\boxed{3}", "2, 3", True, True, "two boxes for two solutions"),
+    ("\\boxed{3} and \\boxed{2}", "2, 3", True, True, "two boxes reordered"),
+    ("\\boxed{x = 2} or \\boxed{x = 3}", "2, 3", True, True, "two boxed equations"),
+    ("\\boxed{(2, 2)} and \\boxed{(6, 2)}", "(2,2),(6,2)", True, True, "two boxed pairs"),
+    ("\\boxed{(2, 2)} and \\boxed{(6, 2)}", "\\{(2,2),(6,2)\\}", True, True, "two boxed pairs vs set"),
+    ("\\boxed{(2, 2)} and \\boxed{(2, 6)}", "(2,2),(6,2)", False, False, "two boxed pairs, one reversed"),
+    ("\\boxed{2} and \\boxed{3}", "2, 3, 4", False, False, "two boxes for three solutions"),
+    ("\\boxed{2} or maybe \\boxed{3}", "3", False, True, "hedge: last box right"),
+    ("\\boxed{2} or maybe \\boxed{3}", "2", False, False, "hedge: first box right"),
+    ("\\boxed{5}. So the answer is \\boxed{5}.", "5", True, True, "repeated box"),
+    ("\\boxed{15\\frac{39}{40}}, or \\boxed{\\frac{639}{40}}", "\\frac{639}{40}", True, True, "two forms of one answer"),
+    ("\\boxed{\\frac{1}{2}} = \\boxed{0.5}", "0.5", True, True, "two equal numbers"),
 ]
-
 
 @pytest.mark.parametrize("pred,gold,expected,form", TABLE, ids=[t[3] for t in TABLE])
 def test_equivalence_table(pred, gold, expected, form):
@@ -158,11 +159,13 @@ def test_equivalence_table(pred, gold, expected, form):
     assert verify(completion, gold) is expected
 
 
-@pytest.mark.parametrize("answer,gold,expected,form", MULTI_BOX, ids=[t[3] for t in MULTI_BOX])
-def test_several_boxes(answer, gold, expected, form):
+@pytest.mark.parametrize("answer,gold,reward,evaluation,form", MULTI_BOX, ids=[t[4] for t in MULTI_BOX])
+def test_several_boxes(answer, gold, reward, evaluation, form):
     completion = f"<think>\nwork \\boxed{{7}}\n</think>\n{answer}"  # boxes inside the thinking never count
-    v = grade(completion, gold)
-    assert v.status == (CORRECT if expected else WRONG), v
+    v = grade(completion, gold, policy="reward")
+    assert v.status == (CORRECT if reward else WRONG), v
+    v = grade(completion, gold)  # the default is the evaluation policy
+    assert v.status == (CORRECT if evaluation else WRONG), v
 
 
 def test_table_is_large_and_balanced():
@@ -171,9 +174,9 @@ def test_table_is_large_and_balanced():
 
 
 def test_batch_grading_agrees_with_single_items():
-    comps = [f"\\boxed{{{p}}}" for p, _, _, _ in TABLE] + [f"</think>{a}" for a, _, _, _ in MULTI_BOX]
-    golds = [g for _, g, _, _ in TABLE] + [g for _, g, _, _ in MULTI_BOX]
-    expected = [CORRECT if e else WRONG for _, _, e, _ in TABLE + MULTI_BOX]
+    comps = [f"\\boxed{{{p}}}" for p, _, _, _ in TABLE] + [f"</think>{a}" for a, *_ in MULTI_BOX]
+    golds = [g for _, g, _, _ in TABLE] + [g for _, g, *_ in MULTI_BOX]
+    expected = [CORRECT if e else WRONG for _, _, e, _ in TABLE] + [CORRECT if e else WRONG for *_, e, _ in MULTI_BOX]
     assert [v.status for v in grade_batch(comps, golds)] == expected
     assert verify_batch(comps, golds) == [e == CORRECT for e in expected]
 
@@ -217,7 +220,9 @@ def test_extraction_rules():
     assert extract_answer("\\boxed{\\{1,2\\}}") == "\\{1,2\\}"
     assert extract_answer("unbalanced \\boxed{1") is None
     assert final_answers("<think>\\boxed{1}</think> \\boxed{2}, \\boxed{3} and \\boxed{2}") == ("2", "3")
-    assert final_answers("\\boxed{\\boxed{7}} \\fbox{8} \\boxed 9 \\boxedx{1} \\boxed{}") == ("7", "8", "9")
+    assert final_answers("<think>\\boxed{1}</think> \\boxed{2}, \\boxed{3} and \\boxed{2}", "eval") == ("3", "2")
+    # an empty box is an answer with nothing in it (""), never skipped
+    assert final_answers("\\boxed{\\boxed{7}} \\fbox{8} \\boxed 9 \\boxedx{1} \\boxed{}") == ("7", "8", "9", "")
     assert final_answers("\\boxed{2} \\boxed{3") == ("2",) and final_answers("no box") == ()
 
 

@@ -25,7 +25,8 @@ from data.benchmarks import Benchmark, load_benchmark
 from data.loading import DataError, read_jsonl
 from rewards.countdown import check_completion
 from rewards.extract import final_answers
-from rewards.math import CORRECT, FAILED, GRADER_STATS, WRONG, grade_answers, grade_batch
+from rewards.math import (CORRECT, EVAL_POLICY, FAILED, GRADER_STATS, WRONG, grade_answers, grade_batch,
+                          graded_text)
 from rewards.outcome import is_failed
 from rl.eval.metrics import aggregate
 from rl.rollout.tools import ToolSpec, strip_outputs
@@ -130,10 +131,10 @@ def _math_outcomes(comps: list[str], samples: list[Mapping[str, Any]], timeout_s
     """(answer, status, reason) per completion: the math grader, or the countdown checker for countdown rows."""
     graded = [j for j, s in enumerate(samples) if s.get("task") != "countdown"]
     verdicts = dict(zip(graded, grade_batch([comps[j] for j in graded], [samples[j]["answer"] for j in graded],
-                                            timeout_s=timeout_s)))
+                                            policy=EVAL_POLICY, timeout_s=timeout_s)))
     out = []
     for j, (c, s) in enumerate(zip(comps, samples)):
-        answer = ", ".join(final_answers(c)) or None
+        answer = graded_text(final_answers(c, EVAL_POLICY), s.get("answer", ""))  # what the policy grades
         if j in verdicts:
             out.append((answer, verdicts[j].status, verdicts[j].reason))
         else:  # countdown: the expression is evaluated, not compared
