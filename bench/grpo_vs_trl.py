@@ -118,7 +118,7 @@ def run_r1lab(w: dict, a) -> dict:
         "reward.functions=[accuracy]", "reward.weights=[1.0]", "algo.kl_coef=0.0",
         "trainer.num_workers=1", "trainer.threads=2", f"trainer.lr={a.lr}", "trainer.grad_clip=1.0",
         "trainer.micro_batch_tokens=8192", f"trainer.max_steps={total}", "checkpoint.every=0",
-        "log.progress=false", "log.tensorboard=false", f"log.output_dir={out}", "resources.ray_address=local",
+        "log.progress=false", "log.report_to=[]", f"log.output_dir={out}", "resources.ray_address=local",
         "resources.trainer_cpus=1", "resources.rollout_cpus=1"])
     GRPODriver(cfg).run()
     steps = [r for r in read_jsonl(out / "metrics.jsonl")[0] if "perf/step_s" in r][a.warmup:]

@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cli_config(DistillConfig, __doc__, argv)
     if isinstance(cfg, int):
         return cfg
+    from rl.model_path import preflight
+
+    if isinstance(rc := preflight([(cfg.teacher.path, "teacher.path")], cfg.log.push_to_hub), int):  # student: run
+        return rc
     from rl.distill.run import run_distill
 
     try:

@@ -44,10 +44,17 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--tools needs --model: a completions file was generated elsewhere, its tool calls already ran")
     if args.max_tool_calls < 1 or args.tool_timeout <= 0:
         ap.error("--max-tool-calls must be >= 1 and --tool-timeout > 0")
+    model = args.model
+    if model is not None:
+        from rl.model_path import preflight
+
+        if isinstance(rc := preflight([(model, "--model")]), int):  # before vLLM starts
+            return rc
+        model = rc["--model"]
     sampling = Sampling(args.temperature, args.top_p, args.n, args.max_tokens, args.seed, args.template,
                         args.force_think, tools=args.tools,
                         tool=ToolSpec(max_calls=args.max_tool_calls, timeout_s=args.tool_timeout))
-    evaluate(args.benchmark, model=args.model, completions_file=args.completions, sampling=sampling,
+    evaluate(args.benchmark, model=model, completions_file=args.completions, sampling=sampling,
              output=args.output, samples_output=args.samples_output, limit=args.limit, timeout_s=args.timeout)
     return 0
 

@@ -21,6 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cli_config(GRPOConfig, __doc__, argv)
     if isinstance(cfg, int):
         return cfg
+    from rl.model_path import preflight
+
+    models = [(cfg.model.path, "model.path")] + [(cfg.algo.distill_teacher, "algo.distill_teacher")] * bool(
+        cfg.algo.distill_teacher)
+    if isinstance(rc := preflight(models, cfg.log.push_to_hub), int):  # before Ray, vLLM or the trainers start
+        return rc
     from data.loading import DataError
     from rl.config import ConfigError
     from rl.grpo.driver import GRPODriver, WeightSyncError, WorkerDied

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rl.config import EvalSection, StageRef, opt, to_dict  # noqa: E402
+from rl.config import ConfigError, EvalSection, StageRef, opt, to_dict  # noqa: E402
 
 
 @dataclass
@@ -100,22 +100,34 @@ def plot_curves(metrics_path: Path, out_png: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rl.config import load_config
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--fresh", action="store_true", help="delete output_dir first instead of resuming")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
+    try:
+        return run_pipeline(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    from rl.config import load_config
+
     if pipeline_kind(args.config, args.overrides) == "tir":
         from rl.tir import TIRConfig, run_tir
 
         tir = load_config(TIRConfig, args.config, args.overrides)
+        if rc := check_stage_models(tir):
+            return rc
         if args.fresh and Path(tir.output_dir).exists():
             shutil.rmtree(tir.output_dir)
         run_tir(tir)
         return 0
     cfg = load_config(PipelineConfig, args.config, args.overrides)
+    if rc := check_stage_models(cfg):
+        return rc
     out = Path(cfg.output_dir)
     if args.fresh and out.exists():
         shutil.rmtree(out)
@@ -163,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     summary["distill_dataset"] = {"kept": ds["kept"], "candidates": ds["candidates"],
                                   "acceptance_rate": ds["acceptance_rate"], "path": ds["dataset"]}
     summary["student_model"] = dist["student"]["model"]
+    held = f"synthetic:{cfg.task} (held-out)"
+    card_results({sft_dir / "final": evals["sft"], grpo_dir / "final": evals["grpo"],
+                  Path(dist["student"]["path"]): evals["distill"]}, held)
     if cfg.r1zero.config:
         t0 = _stage(f"6/{n} R1-Zero: pretrained base model -> GRPO, no SFT")
         from rl.r1zero import run_r1zero_stage
@@ -171,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         summary["r1zero"] = r1z = run_r1zero_stage(cfg.r1zero_pretrain, cfg.r1zero, data, dist["heldout"],
                                                    cfg.eval, out / "r1zero")
         timings["r1zero_s"] = _took(t0, r1z_reused, before, "r1zero_s", reused_s)
+        r1z_dir = out / "r1zero"
+        found = [(n, r1z_dir / f"eval_{e}.json") for n, e in (("base", "base"), ("grpo", "r1zero"))]
+        card_results({r1z_dir / n / "final": json.loads(f.read_text()) for n, f in found if f.exists()}, held)
         print(f"R1-Zero: base {r1z['base_accuracy']:.3f} -> {r1z['accuracy']:.3f} pass@1 (gain {r1z['gain']:+.3f}); "
               f"format {r1z['base_format_rate']:.2f} -> {r1z['format_rate']:.2f}; curves at "
               f"{out / 'r1zero' / 'r1zero_curves.png'}")
@@ -195,6 +213,37 @@ def main(argv: list[str] | None = None) -> int:
     note = f" (this invocation {summary['this_invocation_s']:.0f}s; reused: {sorted(reused_s)})" if reused_s else ""
     print(f"wall time {summary['wall_s']:.0f}s{note}; summary at {out / 'summary.json'}")
     return 0
+
+
+def card_results(evals: dict[Path, dict], dataset: str) -> None:
+    """The held-out results into the model cards of this pipeline's exports (a model-index per card)."""
+    from rl.model_card import add_results, eval_result
+
+    for export, res in evals.items():
+        add_results(export, [eval_result(res, dataset)])
+
+
+def check_stage_models(cfg) -> int:
+    """The model paths the stages start from (the others are this pipeline's own exports), checked before any
+    stage runs: 0, or 2 after printing one line naming the stage's key and the path."""
+    from rl.config import ConfigError
+    from rl.model_path import preflight
+    from rl.sft.config import SFTStageConfig
+
+    try:
+        checks = [(cfg.sft.load(SFTStageConfig).model.path, "sft stage model.path")]
+        if getattr(cfg, "distill", None) is not None and cfg.distill.config:
+            from rl.distill.config import DistillConfig
+
+            student = cfg.distill.load(DistillConfig, ["teacher.path=grpo"]).student.load(SFTStageConfig)
+            checks.append((student.model.path, "distill stage student model.path"))
+        if getattr(cfg, "r1zero_pretrain", None) is not None and cfg.r1zero_pretrain.config:
+            base = cfg.r1zero_pretrain.load(SFTStageConfig).model.path
+            checks.append((base, "r1zero_pretrain stage model.path"))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return rc if isinstance(rc := preflight(checks), int) else 0
 
 
 def pipeline_kind(config: str, overrides: list[str]) -> str:

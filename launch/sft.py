@@ -17,10 +17,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cli_config(SFTStageConfig, __doc__, argv)
     if isinstance(cfg, int):
         return cfg
+    from rl.model_path import preflight
+
+    if isinstance(rc := preflight([(cfg.model.path, "model.path")], cfg.log.push_to_hub), int):  # before TRL starts
+        return rc
     from rl.sft.train import run_sft
 
     s = run_sft(cfg)
-    print(f"done: {s['steps']} steps, loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}, model at {s['final']}")
+    loss = f", loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}" if s["first_loss"] is not None else ""
+    print(f"done: {s['steps']} steps{loss}, model at {s['final']}")
     return 0
 
 

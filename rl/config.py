@@ -228,6 +228,32 @@ class EvalSection:
         require(self.max_tokens >= 1, "eval.max_tokens", "must be >= 1")
 
 
+HUB_REPO_ID = r"^[A-Za-z0-9][\w.-]*/[\w.-]+$"
+
+
+@dataclasses.dataclass
+class LogSection:
+    """Experiment trackers (rl/tracking.py) and the hub upload of the exported model (rl/model_card.py)."""
+    report_to: list = opt(["tensorboard"], "trackers that get the metrics, the resolved config, the plots and the "
+                          "summary: any of tensorboard, wandb, mlflow, trackio, swanlab (offline by default: under "
+                          "the output directory, trackio in its local store; pip install 'r1lab[trackers]'); [] = "
+                          "none (GRPO's metrics.jsonl is always written)")
+    project: str = opt("r1lab", "tracker project (W&B / trackio / SwanLab project, MLflow experiment)")
+    run_name: str = opt("", "tracker run name (empty: the output directory's name)")
+    push_to_hub: str = opt("", "after the run, upload the final HF export (with its model card) to this hub repo "
+                           "(owner/name; created private when missing; needs `hf auth login` or HF_TOKEN)")
+
+    def validate(self) -> None:
+        import re
+
+        from rl.tracking import report_to_problem
+
+        problem = report_to_problem(list(self.report_to))
+        require(problem is None, "log.report_to", problem or "")
+        require(not self.push_to_hub or re.match(HUB_REPO_ID, self.push_to_hub) is not None, "log.push_to_hub",
+                f"{self.push_to_hub!r} is not a hub repo id (owner/name, e.g. me/qwen2.5-1.5b-grpo)")
+
+
 @dataclasses.dataclass
 class StageRef:
     """Another stage's config, run from this one: its YAML file plus overrides (section.key=value)."""
@@ -289,66 +315,6 @@ class DataConfig:
         require(self.num_train > 0 and self.num_eval >= 0, "data.num_train", "must be > 0 (num_eval >= 0)")
 
 
-def resolve_model_path(path: str) -> str:
-    """'tiny:<arch>[:key=value,...]' builds (or reuses from cache) a tiny model; anything else passes through.
-
-    The optional part overrides `rl.tiny.TinyModelSpec` fields, e.g. a smaller student:
-    'tiny:llama:hidden_size=64,num_heads=2,num_kv_heads=1,intermediate_size=128'. `shape=NAME` starts from a
-    real model's dimensions at random init (`rl.tiny.SHAPES`: qwen2.5-0.5b, qwen2.5-1.5b; with Qwen2.5's
-    151,936-token vocabulary, the local tokenizer padded with unused tokens), e.g. 'tiny:qwen2:shape=qwen2.5-0.5b'."""
-    if not path.startswith("tiny:"):
-        return path
-    import dataclasses as dc
-
-    from rl.tiny import SHAPES, TinyModelSpec, build_tiny_model
-
-    _, arch, *rest = path.split(":", 2)
-    fields = {f.name: f.type for f in dc.fields(TinyModelSpec)}
-    kw: dict[str, Any] = {}
-    for item in filter(None, (rest[0].split(",") if rest else [])):
-        key, _, raw = item.partition("=")
-        if key == "shape":
-            if raw not in SHAPES:
-                raise ConfigError(f"model path {path!r}: unknown shape {raw!r}; known: {sorted(SHAPES)}")
-            kw = {**SHAPES[raw], **kw}
-            continue
-        if key not in fields or key == "arch" or not raw:
-            raise ConfigError(f"model path {path!r}: {item!r} is not key=value of a tiny-model field; allowed: "
-                              f"{sorted(k for k in fields if k != 'arch')} or shape=NAME")
-        value = raw if fields[key] in (str, "str") else yaml.safe_load(raw)
-        if not isinstance(value, (int, float, bool, str)):
-            raise ConfigError(f"model path {path!r}: {key}={raw!r} must be a number, true/false or a name")
-        kw[key] = value
-    try:
-        return str(build_tiny_model(TinyModelSpec(arch=arch, **kw)))
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"model path {path!r}: {e}") from None
-
-
-def check_model_path(path: str, key: str) -> str:
-    """Resolve `path` (tiny:... builds) and check it is a loadable HF model, before any work starts.
-
-    Raises ConfigError naming `key` for a directory without config.json, or a name that is neither a local
-    directory nor a hub id that can be loaded (offline machines: only local directories and the HF cache)."""
-    resolved = resolve_model_path(path)
-    p = Path(resolved).expanduser()
-    if p.exists():
-        if not (p / "config.json").is_file():
-            raise ConfigError(f"{key}={path}: {p} is not an HF model directory (no config.json)")
-        return str(p)
-    looks_like_hub = resolved.count("/") == 1 and not resolved.startswith((".", "/", "~"))
-    if not looks_like_hub:
-        raise ConfigError(f"{key}={path}: no such model directory")
-    try:
-        from transformers import AutoConfig
-
-        AutoConfig.from_pretrained(resolved)
-    except Exception as e:  # OSError offline or for a missing repo; ValueError for a non-model repo
-        raise ConfigError(f"{key}={path}: no such local directory, and the hub id could not be loaded "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    return resolved
-
-
 def cli_config(cls: type[T], description: str, argv: Sequence[str] | None = None) -> T | int:
     """`--config FILE [section.key=value ...]` (and `--help-config`) for a stage's entry point.
 
@@ -369,3 +335,7 @@ def cli_config(cls: type[T], description: str, argv: Sequence[str] | None = None
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+
+
+# the model path check (rl/model_path.py), re-exported where every stage has always imported it
+from rl.model_path import check_model_path, resolve_model_path  # noqa: F401

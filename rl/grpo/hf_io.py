@@ -2,7 +2,8 @@
 
 `HFExportWriter` takes the buckets of `rl.grpo.sync.buckets` one at a time (each becomes one safetensors shard),
 so an export of a model that does not fit in one process's memory needs about one bucket of it at a time. The
-directory is assembled under `<out_dir>.tmp` and renamed at the end: a reader never sees a half-written model.
+directory is assembled under `<out_dir>.tmp`, fsynced and renamed at the end: a reader never sees a half-written
+model, also after a crash.
 Tied LM heads are not written (as `save_pretrained` does); `config.json` records the dtype of the weights.
 """
 from __future__ import annotations
@@ -14,6 +15,8 @@ import shutil
 from pathlib import Path
 
 import torch
+
+from rl.grpo.ckpt_manifest import fsync_dir, fsync_file
 
 
 class HFExportWriter:
@@ -63,9 +66,13 @@ class HFExportWriter:
                 GenerationConfig.from_pretrained(tokenizer_from).save_pretrained(self.tmp)
             except OSError:
                 pass
+        for f in self.tmp.iterdir():   # durable before it becomes visible under its final name
+            fsync_file(f)
+        fsync_dir(self.tmp)
         if self.out.exists():
             shutil.rmtree(self.out)
         os.rename(self.tmp, self.out)
+        fsync_dir(self.out.parent)
         return self.out
 
     def abort(self) -> None:

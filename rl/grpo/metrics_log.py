@@ -1,4 +1,5 @@
-"""Run logging: JSONL metrics (the source of truth), TensorBoard, and a progress bar with ETA."""
+"""Run logging: JSONL metrics (the source of truth), the trackers of log.report_to (rl.tracking: TensorBoard by
+default), and a progress bar with ETA."""
 from __future__ import annotations
 
 import json
@@ -8,21 +9,22 @@ from typing import Any
 
 
 class MetricsLog:
-    def __init__(self, out_dir: Path, tensorboard: bool = True, progress: bool = True, total_steps: int = 0,
-                 start_step: int = 0) -> None:
+    def __init__(self, out_dir: Path, report_to: list[str] | None = None, progress: bool = True, total_steps: int = 0,
+                 start_step: int = 0, config: dict[str, Any] | None = None, project: str = "r1lab",
+                 run_name: str = "") -> None:
+        from rl.tracking import Trackers
+
         self.path = out_dir / "metrics.jsonl"
         self._truncate_after(start_step)
-        self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
+        self.trackers = Trackers(["tensorboard"] if report_to is None else report_to, out_dir, config or {},
+                                 project=project, run_name=run_name, start_step=start_step)
         self.bar = None
         if progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="grpo", unit="step", dynamic_ncols=True)
         self._names_printed = False
+        self.last: dict[str, float] = {}  # the latest value of every metric: the run's summary
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop lines of steps after the checkpoint, so the stream continues without repeats."""
@@ -40,11 +42,8 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
-            self.tb.flush()
+        self.trackers.log(step, metrics)
+        self.last.update({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
         if not self._names_printed:  # the job log shows every metric name once
             print("metrics: " + ", ".join(sorted(metrics)), flush=True)
             self._names_printed = True
@@ -57,8 +56,12 @@ class MetricsLog:
         else:
             print(summary, flush=True)
 
+    def finish(self, pngs: dict[str, Path], summary: dict[str, Any]) -> None:
+        """The run's plots (name -> PNG path) and summary, to every tracker."""
+        self.trackers.images(pngs)
+        self.trackers.summary(summary)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
+        self.trackers.close()
