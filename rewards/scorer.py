@@ -20,6 +20,15 @@ at all raises `rewards.pool.GraderUnavailable`: nothing is scored then.
 
 Grader verdicts are cached by (boxed answers, gold), which is what the verdict depends on, so repeated samples
 of a group are graded once; a failed verdict is never cached.
+
+Retries: a plugin item that failed *transiently* (`rewards.outcome.is_transient`: TransientRewardError,
+timeouts, connection errors, HTTP 408/425/429/5xx, `Failed(..., transient=True)` from a batched function, or the
+pool's hard per-item timeout) is tried again, up to `retries` times, after `retry_backoff_s` x 2^k seconds,
+within the function's `batch_timeout_s` deadline (no retry starts that could not finish in time). Only the
+items that failed are re-run (a batched function is called again with just those). An item that still fails
+is failed as above (never 0), its message saying how many attempts it had. A deterministic failure (any other
+exception, a non-number, `Failed(reason)`) is not retried, nor is the math grader (its timeouts are sympy
+blow-ups, the same every time). Metrics: reward/<fn>/retries and reward/retries (re-attempted items).
 """
 from __future__ import annotations
 
@@ -35,7 +44,7 @@ from typing import Any
 from rewards.countdown import check_completion
 from rewards.extract import final_answers
 from rewards.math import REWARD_POLICY, Verdict, grader_pool, judge, judge_bounded
-from rewards.outcome import RewardFailed, is_failed
+from rewards.outcome import Failed, RewardFailed, is_failed, is_transient
 from rewards.pool import ERROR, OK, TIMEOUT, GraderUnavailable, HardTimeoutPool
 from rewards.registry import RewardFn, get
 
@@ -60,13 +69,44 @@ class _Column:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class _Err:
+    """One failed attempt at an item: pool status, message, and whether it is worth another try."""
+    status: str
+    reason: str
+    transient: bool = False
+
+
+def _raised(e: BaseException) -> str:
+    return f"raised {type(e).__name__}: {e}"
+
+
 def _call_plugin(fn, completion: str, sample: Mapping[str, Any]) -> Any:
-    return fn(completion, sample)
+    """Runs in a pool worker. A transient exception comes back as Failed(transient=True): it is classified here,
+    where its class exists (the scorer's process may not have the plugin's HTTP client installed)."""
+    try:
+        return fn(completion, sample)
+    except Exception as e:
+        if is_transient(e):
+            return Failed(_raised(e), transient=True)
+        raise
 
 
-def _call_batched(fn, completions: list[str], samples: list[Mapping[str, Any]]) -> tuple[list, dict]:
-    out = fn(completions, samples)
+def _call_batched(fn, completions: list[str], samples: list[Mapping[str, Any]]) -> tuple[Any, dict]:
+    try:
+        out = fn(completions, samples)
+    except Exception as e:
+        if is_transient(e):   # the whole call failed transiently: every item is retried
+            return Failed(_raised(e), transient=True), {}
+        raise
     return list(out), dict(getattr(out, "metrics", None) or {})
+
+
+def _as_err(value: Any) -> Any:
+    """A returned Failed(reason[, transient]) as an _Err; any other value as it is (checked by _put)."""
+    if not is_failed(value):
+        return value
+    return _Err(ERROR, value.reason if value.transient else f"Failed: {value.reason}", value.transient)
 
 
 def metric_name(fn_name: str) -> str:
@@ -83,13 +123,16 @@ class RewardScorer:
 
     def __init__(self, functions: Sequence[str] = ("accuracy", "format"), weights: Sequence[float] | None = None,
                  *, timeout_s: float = 5.0, batch_timeout_s: float = 60.0, num_workers: int | None = None,
-                 cache_size: int = 100_000) -> None:
+                 cache_size: int = 100_000, retries: int = 2, retry_backoff_s: float = 0.5) -> None:
         weights = list(weights) if weights is not None else [1.0] * len(functions)
         if len(weights) != len(functions):
             raise ValueError(f"reward weights: {len(weights)} weights for {len(functions)} functions {list(functions)}")
         self.fns: list[RewardFn] = [get(name) for name in functions]
         self.weights = [float(w) for w in weights]
         self.timeout_s, self.batch_timeout_s = timeout_s, batch_timeout_s
+        if retries < 0 or retry_backoff_s < 0:
+            raise ValueError(f"reward retries ({retries}) and retry_backoff_s ({retry_backoff_s}) must be >= 0")
+        self.retries, self.retry_backoff_s = int(retries), float(retry_backoff_s)
         # share the process-wide grader pool unless a size is asked for
         self._owns_pool = num_workers is not None
         self.pool = HardTimeoutPool(num_workers) if self._owns_pool else grader_pool()
@@ -149,54 +192,72 @@ class RewardScorer:
 
     # ------------------------------------------------------------------------------------------------ plugins
     def _plugin(self, rf: RewardFn, completions: list[str], samples: list[Mapping[str, Any]], stats: dict) -> _Column:
+        """Every item of one plugin, transient failures retried with backoff within batch_timeout_s."""
         n = len(completions)
+        col = _Column([NAN] * n, [True] * n)
+        deadline = time.perf_counter() + self.batch_timeout_s
+        todo = list(range(n))
+        for attempt in range(self.retries + 1):
+            outcomes, metrics = self._attempt(rf, [completions[i] for i in todo], [samples[i] for i in todo], deadline)
+            if metrics and not col.metrics and len(todo) == n:   # a batched function's own: its first full answer
+                col.metrics = {f"reward/{metric_name(rf.name)}/{k}": float(v) for k, v in metrics.items()}
+            retry = [(i, o) for i, o in zip(todo, outcomes) if isinstance(o, _Err) and o.transient]
+            delay = self.retry_backoff_s * 2 ** attempt
+            again = bool(retry) and attempt < self.retries and time.perf_counter() + delay < deadline
+            tries = f" (transient; {attempt + 1} attempt(s)" + (")" if attempt == self.retries else
+                                                                ", no time left for another within batch_timeout_s)")
+            for i, o in zip(todo, outcomes):
+                if not isinstance(o, _Err):
+                    self._put(col, i, o, rf.name, stats)
+                elif not (o.transient and again):
+                    self._failure(stats, rf.name, o.status, o.reason + (tries if o.transient else ""))
+            if not again:
+                break
+            stats["retries"][rf.name] = stats["retries"].get(rf.name, 0) + len(retry)
+            time.sleep(delay)
+            todo = [i for i, _ in retry]
+        return col
+
+    def _attempt(self, rf: RewardFn, completions: list[str], samples: list[Mapping[str, Any]],
+                 deadline: float) -> tuple[list, dict]:
+        """One try at these items: per item a value to store or an _Err; plus a batched function's metrics."""
+        n, left = len(completions), max(0.0, deadline - time.perf_counter())
         if rf.trusted and rf.batched:  # builtin, in-process (bounded by construction, e.g. the sandbox's timeouts)
             try:
                 out = rf.fn(completions, samples)
             except GraderUnavailable:
                 raise
             except Exception as e:
-                return self._all_failed(rf.name, n, f"raised {type(e).__name__}: {e}", stats)
-            return self._batched(rf.name, list(out), dict(getattr(out, "metrics", None) or {}), n, stats)
+                return [_Err(ERROR, _raised(e), is_transient(e))] * n, {}
+            return self._batched(list(out), n), dict(getattr(out, "metrics", None) or {})
         if rf.trusted:
-            col = _Column([NAN] * n, [True] * n)
-            for i, (c, s) in enumerate(zip(completions, samples)):
+            outs: list = []
+            for c, s in zip(completions, samples):
                 try:
-                    self._put(col, i, rf.fn(c, s), rf.name, stats)
+                    outs.append(_as_err(rf.fn(c, s)))
                 except GraderUnavailable:
                     raise
                 except Exception as e:
-                    self._failure(stats, rf.name, ERROR, f"raised {type(e).__name__}: {e}")
-            return col
+                    outs.append(_Err(ERROR, _raised(e), is_transient(e)))
+            return outs, {}
         if rf.batched:
-            (r,) = self.pool.map(_call_batched, [(rf.fn, completions, list(samples))], self.batch_timeout_s,
-                                 self.batch_timeout_s)
+            (r,) = self.pool.map(_call_batched, [(rf.fn, completions, list(samples))], left, left)
             if r.status != OK:
-                return self._all_failed(rf.name, n, r.error, stats, r.status)
-            return self._batched(rf.name, *r.value, n, stats)
-        col = _Column([NAN] * n, [True] * n)
+                return [_Err(r.status, r.error or "", r.status == TIMEOUT)] * n, {}
+            values, metrics = r.value
+            if is_failed(values):
+                return [_Err(ERROR, values.reason, values.transient)] * n, {}
+            return self._batched(values, n), metrics
         results = self.pool.map(_call_plugin, [(rf.fn, c, s) for c, s in zip(completions, samples)],
-                                self.timeout_s, self.batch_timeout_s)
-        for i, r in enumerate(results):
-            if r.status != OK:
-                self._failure(stats, rf.name, r.status, r.error)
-            else:
-                self._put(col, i, r.value, rf.name, stats)
-        return col
+                                min(self.timeout_s, left), left)
+        return [_as_err(r.value) if r.status == OK else _Err(r.status, r.error or "", r.status == TIMEOUT)
+                for r in results], {}
 
-    def _batched(self, name: str, values: list, metrics: dict, n: int, stats: dict) -> _Column:
-        """A batched function's answer: per item a number or Failed, plus its ScoredBatch metrics."""
+    def _batched(self, values: list, n: int) -> list:
+        """A batched function's answer, per item a value or an _Err (Failed entries, a wrong count)."""
         if len(values) != n:
-            return self._all_failed(name, n, f"returned {len(values)} rewards for {n} completions", stats)
-        col = _Column([NAN] * n, [True] * n)
-        for i, v in enumerate(values):
-            self._put(col, i, v, name, stats)
-        col.metrics = {f"reward/{metric_name(name)}/{k}": float(v) for k, v in metrics.items()}
-        return col
-
-    def _all_failed(self, name: str, n: int, error: str | None, stats: dict, status: str = ERROR) -> _Column:
-        self._failure(stats, name, status, error, count=n)
-        return _Column([NAN] * n, [True] * n)
+            return [_Err(ERROR, f"returned {len(values)} rewards for {n} completions")] * n
+        return [_as_err(v) for v in values]
 
     def _put(self, col: _Column, i: int, value: Any, name: str, stats: dict) -> None:
         """Store one returned value; Failed, non-numbers and non-finite numbers leave the item failed."""
@@ -227,7 +288,8 @@ class RewardScorer:
         t0 = time.perf_counter()
         completions, samples = list(completions), list(samples)
         n = len(completions)
-        stats: dict[str, Any] = {"timeouts": 0, "errors": 0, "cache_hits": 0, "slow_path": 0, "example": None}
+        stats: dict[str, Any] = {"timeouts": 0, "errors": 0, "cache_hits": 0, "slow_path": 0, "example": None,
+                                 "retries": {}}
         cols = {rf.name: (self._accuracy(completions, samples, stats) if rf.name == "accuracy"
                           else self._plugin(rf, completions, samples, stats)) for rf in self.fns}
         weighted = [(cols[rf.name], w) for rf, w in zip(self.fns, self.weights) if w != 0.0]
@@ -239,11 +301,13 @@ class RewardScorer:
             "reward/latency_ms": 1000 * (time.perf_counter() - t0),
             "reward/cache_hits": float(stats["cache_hits"]), "reward/slow_path": float(stats["slow_path"]),
             "reward/total_mean": _mean(total, failed),
+            "reward/retries": float(sum(stats["retries"].values())),
         }
         for name, col in cols.items():
             metrics.update(col.metrics)  # a function's own metrics first: the scorer's counts below win a clash
             metrics[f"reward/{metric_name(name)}_mean"] = _mean(col.values, col.failed)
             metrics[f"reward/{metric_name(name)}/failed_frac"] = sum(col.failed) / max(1, n)
+            metrics[f"reward/{metric_name(name)}/retries"] = float(stats["retries"].get(name, 0))
         if stats["example"]:
             log.warning("reward failures in this batch (failed items=%d of %d, timeouts=%d, errors=%d); example: %s",
                         sum(failed), n, stats["timeouts"], stats["errors"], stats["example"])

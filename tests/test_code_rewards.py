@@ -47,8 +47,11 @@ def test_humaneval_canonical_pass_and_wrong_bodies_fail(sb):
 def test_mbpp_reference_code_passes(sb):
     rows = [json.loads(x) for x in open("data/benchmarks/mbpp_sanitized.jsonl")]
     forms = FormCache(None)
-    rewards = code_reward_batch([fence(r["code"]) for r in rows], rows, sandbox=sb, forms=forms)
-    assert rewards == [1.0] * len(rows)
+    # a generous per-test limit: some references are slow by design (task 123 sums amicable numbers below
+    # 9999 in O(n^2), ~5 s alone and more on a loaded CI machine); this test checks the harness, not speed
+    rewards = code_reward_batch([fence(r["code"]) for r in rows], rows, sandbox=sb, forms=forms, per_test_s=60.0)
+    slow = [(rows[i]["task_id"], r) for i, r in enumerate(rewards) if r != 1.0]
+    assert not slow, f"reference programs that did not pass (task_id, reward): {slow}"
     weak = {r["task_id"] for r in rows if forms.get(plan_for(r).key)["form"] == "weak"}
     assert weak == MBPP_WEAK and rewards.metrics["weak_frac"] == pytest.approx(len(MBPP_WEAK) / len(rows))
 

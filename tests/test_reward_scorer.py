@@ -10,7 +10,7 @@ from rewards import registry
 from rewards.functions import format_reward, overlong_penalty
 from rewards.outcome import Failed, RewardFailed, ScoredBatch
 from rewards.registry import RewardPluginError, get, register
-from rewards.scorer import RewardScorer
+from rewards.scorer import RewardScorer, metric_name
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -225,3 +225,186 @@ def test_accuracy_failures_are_failed_and_never_cached():
         assert res.metrics["reward/accuracy_mean"] == 1.0 and res.metrics["reward/format_mean"] == 1.0
         assert res.metrics["reward/cache_hits"] <= 1  # only GOOD/SAMPLE can come from the cache
         assert "does not parse" in res.error_example
+
+
+# ------------------------------------------------------------------------------------------- transient failures
+# Flaky verifiers for the tests below: each call logs an attempt per item (a file per item, since pool workers
+# are separate processes) and fails transiently when a RNG seeded by (seed, item, attempt) draws below `p`.
+def _attempt_no(sample) -> int:
+    log = Path(sample["log_dir"]) / f"item{sample['id']}.log"
+    with open(log, "a") as f:
+        f.write("x\n")
+    return len(log.read_text().splitlines())
+
+
+def _flakes(sample, attempt) -> bool:
+    import random
+
+    return random.Random(f"{sample['seed']}-{sample['id']}-{attempt}").random() < sample["p"]
+
+
+def flaky(completion, sample):
+    """A remote verifier that fails transiently (reset connection, HTTP 503, timeout) on a share p of calls."""
+    import urllib.error
+
+    attempt = _attempt_no(sample)
+    if _flakes(sample, attempt):
+        kind = attempt % 3
+        if kind == 0:
+            raise ConnectionResetError("verifier reset the connection")
+        if kind == 1:
+            raise urllib.error.HTTPError("http://verifier/score", 503, "Service Unavailable", {}, None)
+        raise TimeoutError("verifier did not answer in 2 s")
+    return float(len(completion))
+
+
+def flaky_batched(completions, samples):
+    """Batched: Failed(transient=True) for the items whose verifier call failed; logs the ids of each call."""
+    with open(Path(samples[0]["log_dir"]) / "calls.log", "a") as f:
+        f.write(" ".join(str(s["id"]) for s in samples) + "\n")
+    return ScoredBatch([Failed("verifier busy (HTTP 503)", transient=True) if _flakes(s, _attempt_no(s))
+                        else float(len(c)) for c, s in zip(completions, samples)], {"calls": 1.0})
+
+
+flaky_batched.r1lab_batched = True
+
+
+def hangs_first_time(completion, sample):
+    if _attempt_no(sample) == 1:
+        time.sleep(60)
+    return 0.5
+
+
+def wrong_gold(completion, sample):
+    _attempt_no(sample)
+    raise ValueError(f"gold answer {sample['id']!r} does not parse")
+
+
+def _flaky_rows(tmp_path, n, p, seed=7):
+    comps = [f"<think>x</think>\\boxed{{{'7' * (1 + i % 9)}}}" for i in range(n)]
+    return comps, [{"answer": "7", "id": i, "seed": seed, "p": p, "log_dir": str(tmp_path)} for i in range(n)]
+
+
+def _attempts(tmp_path, n):
+    return [len((tmp_path / f"item{i}.log").read_text().splitlines()) for i in range(n)]
+
+
+def _needed(samples):
+    """Attempts each item needs, replaying the verifier's seeded draws (independent of the scorer)."""
+    out = []
+    for s in samples:
+        k = 1
+        while _flakes(s, k):
+            k += 1
+        out.append(k)
+    return out
+
+
+@pytest.mark.parametrize("name", ["test_reward_scorer:flaky", "flaky_trusted", "test_reward_scorer:flaky_batched"])
+def test_flaky_reward_scores_every_item_after_retries(tmp_path, monkeypatch, name):
+    """20% transient errors (seeded): every item gets its real value after retries, each item is attempted
+    exactly as often as the verifier's draws require, and the retries are counted."""
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    register("flaky_trusted", trusted=True)(flaky)   # a builtin: in-process, per item
+    comps, samples = _flaky_rows(tmp_path, 40, p=0.2)
+    needed = _needed(samples)
+    assert max(needed) <= 4 and sum(needed) > 40     # with this seed: retries happen, 3 retries suffice
+    s = RewardScorer([name], retries=3, retry_backoff_s=0.01, timeout_s=10, num_workers=1)
+    try:
+        res = s.score(comps, samples)
+    finally:
+        s.close()
+    assert res.failed == [False] * 40 and res.components[name] == [float(len(c)) for c in comps]
+    assert _attempts(tmp_path, 40) == needed
+    key = metric_name(name)
+    assert res.metrics[f"reward/{key}/retries"] == sum(needed) - 40 == res.metrics["reward/retries"]
+    assert res.metrics["reward/errors"] == 0 and res.metrics[f"reward/{key}/failed_frac"] == 0
+    if name.endswith("batched"):   # retried calls carry only the items that failed; the metrics of the first
+        calls = [line.split() for line in (tmp_path / "calls.log").read_text().splitlines()]
+        assert len(calls) == max(needed) and len(calls[0]) == 40
+        assert [len(c) for c in calls[1:]] == [sum(n > k for n in needed) for k in range(1, max(needed))]
+        assert res.metrics[f"reward/{key}/calls"] == 1.0
+
+
+def test_always_transient_item_fails_after_exactly_retries_plus_one_attempts(tmp_path):
+    comps, samples = _flaky_rows(tmp_path, 3, p=1.0)
+    s = RewardScorer(["accuracy", "test_reward_scorer:flaky"], retries=2, retry_backoff_s=0.2, timeout_s=10,
+                     num_workers=1)
+    try:
+        t0 = time.perf_counter()
+        res = s.score(comps, samples)
+        wall = time.perf_counter() - t0
+    finally:
+        s.close()
+    assert _attempts(tmp_path, 3) == [3, 3, 3]
+    assert res.failed == [True] * 3 and all(math.isnan(r) for r in res.rewards)     # failed, never 0
+    assert all(math.isnan(v) for v in res.components["test_reward_scorer:flaky"])
+    assert res.failed_by_fn["accuracy"] == [False] * 3                              # the other function scored
+    assert res.metrics["reward/test_reward_scorer.flaky/retries"] == 6 and res.metrics["reward/errors"] == 3
+    assert res.error_example.endswith("raised ConnectionResetError: verifier reset the connection (transient; 3 "
+                                      "attempt(s))")
+    assert 0.2 + 0.4 <= wall < 0.6 + 5.0                                           # backoff 0.2 s, then 0.4 s
+
+
+def test_an_item_that_timed_out_in_the_pool_is_retried(tmp_path):
+    comps, samples = _flaky_rows(tmp_path, 1, p=0.0)
+    s = RewardScorer(["test_reward_scorer:hangs_first_time"], retries=1, retry_backoff_s=0.01, timeout_s=1.0,
+                     batch_timeout_s=30, num_workers=1)
+    try:
+        res = s.score(comps, samples)
+    finally:
+        s.close()
+    assert res.failed == [False] and res.components["test_reward_scorer:hangs_first_time"] == [0.5]
+    assert _attempts(tmp_path, 1) == [2] and res.metrics["reward/retries"] == 1
+    assert res.metrics["reward/timeouts"] == 0                 # counted only when an item ends failed
+
+
+def test_deterministic_failures_are_not_retried_and_backoff_stays_within_the_batch_deadline(tmp_path):
+    comps, samples = _flaky_rows(tmp_path, 2, p=1.0)
+    s = RewardScorer(["test_reward_scorer:wrong_gold"], retries=3, retry_backoff_s=0.01, num_workers=1)
+    try:
+        res = s.score(comps, samples)
+    finally:
+        s.close()
+    assert _attempts(tmp_path, 2) == [1, 1] and res.failed == [True, True]
+    assert res.metrics["reward/retries"] == 0 and "ValueError: gold answer 0 does not parse" in res.error_example
+    for f in tmp_path.glob("item*.log"):
+        f.unlink()
+    s = RewardScorer(["test_reward_scorer:flaky"], retries=3, retry_backoff_s=30.0, batch_timeout_s=10.0,
+                     num_workers=1)
+    try:
+        t0 = time.perf_counter()
+        res = s.score(comps, samples)
+        wall = time.perf_counter() - t0
+    finally:
+        s.close()
+    assert wall < 10.0 and _attempts(tmp_path, 2) == [1, 1]  # a 30 s backoff cannot fit in a 10 s deadline
+    assert res.failed == [True, True] and "no time left for another within batch_timeout_s" in res.error_example
+
+
+def test_which_errors_are_transient():
+    import urllib.error
+
+    from rewards.outcome import TransientRewardError, is_transient
+
+    class Response:
+        def __init__(self, status_code):
+            self.status_code = status_code
+
+    class HTTPStatusError(Exception):   # the shape of requests' / httpx's HTTP errors
+        def __init__(self, status_code):
+            super().__init__(f"HTTP {status_code}")
+            self.response = Response(status_code)
+
+    class ReadTimeout(Exception):       # a client library's timeout that is not a TimeoutError
+        pass
+
+    transient = [TransientRewardError("busy"), TimeoutError(), ConnectionRefusedError(), BrokenPipeError(),
+                 urllib.error.URLError("name resolution failed"), ReadTimeout(),
+                 urllib.error.HTTPError("u", 503, "down", {}, None), urllib.error.HTTPError("u", 429, "slow", {}, None),
+                 HTTPStatusError(502), HTTPStatusError(408)]
+    deterministic = [ValueError("bad gold"), KeyError("answer"), RewardFailed("cannot score"),
+                     FileNotFoundError("plugin data"), urllib.error.HTTPError("u", 404, "no such route", {}, None),
+                     HTTPStatusError(400), ZeroDivisionError()]
+    assert [is_transient(e) for e in transient] == [True] * len(transient)
+    assert [is_transient(e) for e in deterministic] == [False] * len(deterministic)
