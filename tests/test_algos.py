@@ -7,6 +7,7 @@ import torch
 
 from rl.algos import agg_loss, compute_advantages, kl_penalty, token_logprobs
 from rl.algos.losses import POLICY_LOSSES, entropy_from_logits, ppo_clip_loss
+from rl.algos.rollout_correction import rollout_correction
 
 
 def random_groups(seed, n_groups=7, max_size=6):
@@ -88,8 +89,9 @@ def test_ppo_clip_matches_reference(agg, dual, tis):
     adv = torch.randn(B, generator=g)
     mask = (torch.rand(B, T, generator=g) > 0.3).float()
     mask[:, 0] = 1
+    weights = rollout_correction(old, rollout, mask, "token_tis", tis_cap=tis)[0] if tis else None
     loss, metrics = ppo_clip_loss(logp, old, adv, mask, clip_eps_low=0.2, clip_eps_high=0.28, dual_clip_c=dual,
-                                  agg=agg, rollout_logp=rollout if tis else None, tis_cap=tis)
+                                  agg=agg, is_weights=weights)
     ref = slow_ppo(logp, old, adv, mask, 0.2, 0.28, dual, agg, rollout, tis)
     assert float(loss) == pytest.approx(ref, rel=1e-5, abs=1e-6)
     assert 0 <= metrics["actor/clipfrac"] <= 1 and "actor/pg_loss" in metrics

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from rl.algos.assemble import LossTerms, Normalisers, assemble_loss, sequence_is_mask
+from rl.algos.assemble import LossTerms, Normalisers, assemble_loss
 from rl.algos.logprobs import chunked_token_logprobs, reference_token_logprobs
 from rl.algos.losses import token_logprobs
+from rl.algos.rollout_correction import rollout_correction
 from rl.grpo.microbatch import micro_batches, padding_frac
 
 
@@ -135,12 +136,12 @@ def test_sequence_mask_drops_far_off_policy_sequences():
     mask = torch.ones(3, 4)
     old = torch.zeros(3, 4)
     roll = torch.tensor([[0.0] * 4, [-2.0] * 4, [2.0] * 4])   # ratios 1, e^2, e^-2
-    keep = sequence_is_mask(old, roll, mask, 0.5, 2.0)
-    assert keep.squeeze(-1).tolist() == [1.0, 0.0, 0.0]
+    _, keep, _ = rollout_correction(old, roll, mask, "seq_mask", seq_low=0.5, seq_high=2.0)
+    assert keep[:, 0].tolist() == [1.0, 0.0, 0.0]
     b = _batch(B=3, T=4)
     terms = LossTerms(rollout_correction="seq_mask", tis_cap=2.0)
-    loss, m = assemble_loss(old.clone().requires_grad_(), mask, b["adv"], old, roll, terms, Normalisers(12, 3, 4))
-    assert m["actor/is_masked_frac"] == pytest.approx(8 / 12)
+    _, m = assemble_loss(old.clone().requires_grad_(), mask, b["adv"], old, roll, terms, Normalisers(12, 3, 4))
+    assert m["rollout/is_masked_frac"] == pytest.approx(8 / 12)
 
 
 def test_length_sorted_micro_batches_cut_padding_on_long_tails():

@@ -1,10 +1,14 @@
 """The loss of one training micro-batch, assembled from the pure pieces (as verl's dp_actor does).
 
-    loss = policy_loss(logp, old_logp, A)                     PPO-clip family, TIS / sequence masking
-         - entropy_coef * agg(entropy)                        optional entropy bonus
-         + kl_coef * agg(KL_k(logp, ref_logp))                optional KL to the reference (GRPO's k3)
+    w, kept = rollout_correction(old_logp, rollout_logp, mask)   token/sequence TIS, MIS, IcePop or none
+    loss = policy_loss(logp, old_logp, A, kept, is_weights=w)   ppo_clip | gspo | cispo
+         - entropy_coef * agg(entropy, kept)                    optional entropy bonus
+         + kl_coef * agg(KL_k(logp, ref_logp), kept)            optional KL to the reference (GRPO's k3)
+         + moe_aux_coef * share * moe_aux_loss                  optional MoE load-balancing loss
 where A is the sequence advantage, plus -distill_coef * (log pi - log teacher - baseline) per token when a
-teacher is set (on-policy distillation, `rl.algos.distill`).
+teacher is set (on-policy distillation, `rl.algos.distill`). The correction applies to every policy loss: its
+weights multiply the policy-gradient term of each token, and the tokens it rejects leave the whole loss (as
+if they were not loss tokens) while the normalisers stay the global counts of loss tokens and sequences.
 
 Normalisers are *global* (all micro-batches and data-parallel ranks of one optimizer step), so the gradient
 does not depend on how the batch is split. For the same reason every metric returned here is additive: the
@@ -20,6 +24,7 @@ import torch
 
 from rl.algos.distill import reverse_kl_advantages
 from rl.algos.losses import POLICY_LOSSES, agg_loss, kl_penalty
+from rl.algos.rollout_correction import rollout_correction
 
 
 @dataclass(frozen=True)
@@ -35,17 +40,20 @@ class LossTerms:
     """What the algorithm config asks for (a plain view of AlgoConfig, so this module needs no config)."""
     policy_loss: str = "ppo_clip"
     loss_agg: str = "token_mean"
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2
+    clip_eps_low: float | None = None    # None: the policy loss's own default (rl.algos.policy_loss_defaults)
+    clip_eps_high: float | None = None
     dual_clip_c: float = 0.0
     tis_cap: float = 0.0
-    rollout_correction: str = "tis"      # tis (token-level, capped at tis_cap) | seq_mask | none
+    rollout_correction: str = "token_tis"   # rl.algos.rollout_correction.ROLLOUT_CORRECTIONS (or an alias)
     seq_mask_low: float = 0.5
     seq_mask_high: float = 2.0
+    icepop_low: float = 0.5
+    icepop_high: float = 5.0
     entropy_coef: float = 0.0
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     distill_coef: float = 0.0
+    moe_aux_coef: float = 0.0               # weight of the MoE router's load-balancing loss (rl.moe.replay)
 
     @classmethod
     def from_algo(cls, a) -> LossTerms:
@@ -55,27 +63,32 @@ class LossTerms:
 def assemble_loss(logp: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor, old_logp: torch.Tensor,
                   rollout_logp: torch.Tensor, terms: LossTerms, norm: Normalisers, *,
                   entropy: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None,
-                  teacher_logp: torch.Tensor | None = None, distill_baseline: float = 0.0
+                  teacher_logp: torch.Tensor | None = None, distill_baseline: float = 0.0,
+                  moe_aux_loss: torch.Tensor | None = None, moe_aux_share: float = 1.0
                   ) -> tuple[torch.Tensor, dict[str, float]]:
     """logp (with grad), mask, old_logp, rollout_logp, entropy, ref_logp, teacher_logp: [B, T]; adv [B].
+    moe_aux_loss: scalar load-balancing loss of this micro-batch's forward (rl.moe.replay), added as
+    moe_aux_coef * moe_aux_share * moe_aux_loss, share = this micro-batch's part of the mini-batch (its real
+    tokens over the mini-batch's), so the summed loss holds the token-weighted mean of the micro-batches' losses.
 
     Returns (loss, metrics); every metric is additive over the micro-batches and ranks of a mini-batch."""
     mask = mask.to(logp.dtype)
     agg = dict(num_tokens=norm.num_tokens, num_seqs=norm.num_seqs, max_len=norm.max_len)
     if teacher_logp is not None and terms.distill_coef > 0:
         adv = reverse_kl_advantages(adv, old_logp, teacher_logp, terms.distill_coef, distill_baseline)
-    masked_out = 0.0
-    if terms.rollout_correction == "seq_mask":
-        kept = mask * sequence_is_mask(old_logp, rollout_logp, mask, terms.seq_mask_low, terms.seq_mask_high)
-        masked_out, mask = float((mask - kept).sum()), kept
-    use_tis = terms.rollout_correction == "tis" and terms.tis_cap > 0
+    weights, kept, metrics = rollout_correction(
+        old_logp, rollout_logp, mask, terms.rollout_correction, tis_cap=terms.tis_cap,
+        seq_low=terms.seq_mask_low, seq_high=terms.seq_mask_high, icepop_low=terms.icepop_low,
+        icepop_high=terms.icepop_high, num_tokens=norm.num_tokens)
+    mask = kept.to(logp.dtype)   # weights are exactly 1 where a mode does not weight: x * 1.0 == x
+    clip = {k: v for k, v in (("clip_eps_low", terms.clip_eps_low), ("clip_eps_high", terms.clip_eps_high))
+            if v is not None}
     loss, pm = POLICY_LOSSES[terms.policy_loss](
-        logp, old_logp, adv, mask, clip_eps_low=terms.clip_eps_low, clip_eps_high=terms.clip_eps_high,
-        dual_clip_c=terms.dual_clip_c or None, agg=terms.loss_agg, rollout_logp=rollout_logp if use_tis else None,
-        tis_cap=terms.tis_cap if use_tis else None, **agg)
+        logp, old_logp, adv, mask, **clip, dual_clip_c=terms.dual_clip_c or None, agg=terms.loss_agg,
+        is_weights=weights.to(logp.dtype), **agg)
     local_tokens = float(mask.sum())
     share = local_tokens / max(norm.num_tokens, 1.0)   # local token fraction -> global token fraction
-    metrics = {"actor/pg_loss": float(loss.detach())}
+    metrics["actor/pg_loss"] = float(loss.detach())
     for k in ("actor/clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"):
         if k in pm:
             metrics[k] = pm[k] * share
@@ -91,18 +104,9 @@ def assemble_loss(logp: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor, old
         loss = loss + terms.kl_coef * kl_loss
         metrics["actor/kl_loss"] = float(kl_loss.detach())
         metrics["actor/kl"] = float((kl.detach() * mask).sum()) / max(norm.num_tokens, 1.0)
-    if terms.rollout_correction == "seq_mask":
-        metrics["actor/is_masked_frac"] = masked_out / max(norm.num_tokens, 1.0)
+    if moe_aux_loss is not None and terms.moe_aux_coef > 0:
+        loss = loss + terms.moe_aux_coef * moe_aux_share * moe_aux_loss.to(loss.dtype)
+        metrics["actor/moe_aux_loss"] = float(moe_aux_loss.detach()) * moe_aux_share
     metrics["actor/loss"] = float(loss.detach())
     return loss, metrics
 
-
-def sequence_is_mask(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, low: float,
-                     high: float) -> torch.Tensor:
-    """[B, T] -> [B, 1]: 1 for sequences whose geometric-mean importance ratio pi_old / pi_rollout lies in
-    [low, high], 0 otherwise (sequence-level masked importance sampling: drop samples too far off-policy
-    instead of reweighting them token by token)."""
-    m = mask.to(old_logp.dtype)
-    mean_log_ratio = ((old_logp - rollout_logp) * m).sum(-1) / m.sum(-1).clamp(min=1)
-    ratio = torch.exp(mean_log_ratio.clamp(-20, 20))
-    return ((ratio >= low) & (ratio <= high)).to(old_logp.dtype)[:, None]

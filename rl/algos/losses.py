@@ -3,12 +3,17 @@
 Shapes: B sequences, T token positions. `mask` [B, T] is 1 on response tokens that take part in the loss.
 Per-token log-probs are aligned with the tokens they score (position t holds log p(x_t | x_<t)).
 
-PPO-clip (the GRPO objective) with
-  - asymmetric clipping: ratio clipped to [1 - clip_eps_low, 1 + clip_eps_high] (DAPO "clip-higher");
-  - dual-clip (Ye et al. 2020): for negative advantages the loss is also capped at -A * dual_clip_c;
-  - truncated importance sampling (TIS, Yao et al. 2025) against the rollout engine's log-probs: each
-    token's loss is multiplied by min(exp(old_logp - rollout_logp), tis_cap), correcting the mismatch
-    between vLLM's sampler and the trainer's numerics.
+Policy losses (registry POLICY_LOSSES; every one is called the same way, see `ppo_clip_loss`):
+  ppo_clip  PPO-clip, the GRPO objective, with asymmetric clipping (ratio clipped to [1 - clip_eps_low,
+            1 + clip_eps_high], DAPO "clip-higher") and dual-clip (Ye et al. 2020: for negative advantages the
+            loss is also capped at -A * dual_clip_c);
+  gspo      GSPO (Zheng et al. 2025, arXiv 2507.18071): the sequence-level ratio, clipped (`gspo_loss`);
+  cispo     CISPO (MiniMax-M1, arXiv 2506.13585): clipped, detached IS weights on a REINFORCE term, so no
+            token's gradient is ever dropped (`cispo_loss`).
+`is_weights` [B, T] (detached) multiply each token's loss: the rollout correction
+(rl.algos.rollout_correction: truncated/masked importance sampling against the rollout engine's log-probs) is
+applied through them.
+A loss's keyword defaults for clip_eps_low/high are its paper's (`policy_loss_defaults`).
 KL to the reference policy sits in the loss (as GRPO does, not in the reward) with estimators
   k1 = log r,  k2 = (log r)^2 / 2,  k3 = exp(-log r) + log r - 1   where log r = logp - ref_logp
 (Schulman 2020, "Approximating KL divergence"); k3 is GRPO's choice.
@@ -21,6 +26,7 @@ splitting a batch does not change the gradient.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -87,14 +93,44 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> 
     raise ValueError(f"unknown KL estimator {kind!r}; allowed: {KL_ESTIMATORS}")
 
 
+def policy_loss_defaults(name: str) -> dict[str, float]:
+    """The registered loss's own clip_eps_low / clip_eps_high (its keyword defaults)."""
+    params = inspect.signature(POLICY_LOSSES[name]).parameters
+    return {k: params[k].default for k in ("clip_eps_low", "clip_eps_high")}
+
+
+def _per_token(advantages: torch.Tensor) -> torch.Tensor:
+    return advantages[:, None] if advantages.dim() == 1 else advantages
+
+
+def _pg_metrics(loss: torch.Tensor, mask: torch.Tensor, clipped: torch.Tensor, log_ratio: torch.Tensor,
+                lower_clipped: torch.Tensor | None = None) -> dict[str, float]:
+    """The policy-gradient diagnostics over this batch's loss tokens (assemble rescales them to global)."""
+    m = mask.bool()
+    n = max(int(m.sum()), 1)
+    out = {"actor/pg_loss": float(loss.detach()),
+           "actor/clipfrac": float((clipped & m).sum()) / n,
+           "actor/ppo_kl": float((-log_ratio.detach() * m).sum()) / n}
+    if lower_clipped is not None:
+        out["actor/pg_clipfrac_lower"] = float((lower_clipped & m).sum()) / n
+    return out
+
+
+def _only_ppo_dual_clip(name: str, dual_clip_c: float | None) -> None:
+    if dual_clip_c is not None:
+        raise ValueError(f"dual_clip_c is defined for ppo_clip only, not for {name} (got {dual_clip_c})")
+
+
 @register_policy_loss("ppo_clip")
 def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                   clip_eps_low: float = 0.2, clip_eps_high: float = 0.2, dual_clip_c: float | None = None,
-                  agg: str = "token_mean", rollout_logp: torch.Tensor | None = None, tis_cap: float | None = None,
+                  agg: str = "token_mean", is_weights: torch.Tensor | None = None,
                   num_tokens: float | None = None, num_seqs: float | None = None, max_len: int | None = None,
                   ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped surrogate. logp/old_logp/mask [B, T]; advantages [B] or [B, T]. Returns (loss, metrics)."""
-    adv = advantages[:, None] if advantages.dim() == 1 else advantages
+    """Clipped surrogate. logp/old_logp/mask/is_weights [B, T]; advantages [B] or [B, T] -> (loss, metrics).
+
+    The signature every registered policy loss has; normalisers are passed on to `agg_loss`."""
+    adv = _per_token(advantages)
     log_ratio = (logp - old_logp).clamp(-20, 20)
     ratio = torch.exp(log_ratio)
     pg1 = -adv * ratio
@@ -106,17 +142,70 @@ def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
         cap = -adv * dual_clip_c
         lower_clipped = (adv < 0) & (clipped > cap)
         pg = torch.where(adv < 0, torch.minimum(clipped, cap), clipped)
-    if rollout_logp is not None and tis_cap is not None:
-        w = torch.exp((old_logp - rollout_logp).clamp(-20, 20)).clamp(max=tis_cap).detach()
-        pg = pg * w
+    if is_weights is not None:
+        pg = pg * is_weights.detach()
     loss = agg_loss(pg, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len)
-    m = mask.bool()
-    n = max(int(m.sum()), 1)
-    pg1, pg2, log_ratio = pg1.detach(), pg2.detach(), log_ratio.detach()
-    metrics = {
-        "actor/pg_loss": float(loss.detach()),
-        "actor/clipfrac": float(((pg2 > pg1) & m).sum()) / n,
-        "actor/ppo_kl": float((-log_ratio * m).sum()) / n,
-        "actor/pg_clipfrac_lower": float((lower_clipped & m).sum()) / n,
-    }
-    return loss, metrics
+    return loss, _pg_metrics(loss, mask, pg2.detach() > pg1.detach(), log_ratio, lower_clipped)
+
+
+@register_policy_loss("gspo")
+def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+              clip_eps_low: float = 3e-4, clip_eps_high: float = 4e-4, dual_clip_c: float | None = None,
+              agg: str = "token_mean", is_weights: torch.Tensor | None = None,
+              num_tokens: float | None = None, num_seqs: float | None = None, max_len: int | None = None,
+              ) -> tuple[torch.Tensor, dict[str, float]]:
+    """GSPO, sequence-level clipping. Shapes and return as `ppo_clip_loss`.
+
+        s_i    = exp(mean_t m_t (log pi_t - log pi_old_t))       the sequence's geometric-mean ratio
+        s_i,t  = sg[s_i] * pi_t / sg[pi_t]                       value s_i, d s_i,t / d log pi_t = s_i
+        loss_t = max(-A s_i,t, -A clip(s_i,t, 1 - clip_eps_low, 1 + clip_eps_high))   (x is_weights)
+    so a sequence is clipped as a whole, and its unclipped tokens get the gradient -A s_i. With
+    agg=seq_mean_token_mean this is the paper's sequence objective mean_i max(-A_i s_i, -A_i clip(s_i)), value
+    and gradient (GSPO-token with A_i,t = A_i); defaults 3e-4 / 4e-4 are the paper's clip range.
+    As verl 0.9.1's `compute_policy_loss_gspo` (core_algos.py of the PyPI wheel verl-0.9.1, sha256
+    db6e6f2a...): log s_i,t clamped at 10 before exp, no dual-clip, aggregated with the configured `agg`
+    (verl 0.9.1 does the same; its 0.8.0.dev tree, commit b178a3cd, forced seq-mean-token-mean). Differences:
+    the per-token log-ratio is taken on loss tokens only (torch.where), so values at padding never enter
+    s_i, and `actor/pg_clipfrac_lower` (always 0 in verl) is not reported."""
+    _only_ppo_dual_clip("gspo", dual_clip_c)
+    adv = _per_token(advantages)
+    m = mask.to(logp.dtype)
+    log_ratio = torch.where(m.bool(), logp - old_logp, torch.zeros_like(logp))
+    seq_log_ratio = log_ratio.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)
+    s = torch.exp((logp - logp.detach() + seq_log_ratio.detach()).clamp(max=10.0))
+    pg1 = -adv * s
+    pg2 = -adv * s.clamp(1 - clip_eps_low, 1 + clip_eps_high)
+    pg = torch.maximum(pg1, pg2)
+    if is_weights is not None:
+        pg = pg * is_weights.detach()
+    loss = agg_loss(pg, m, agg, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len)
+    return loss, _pg_metrics(loss, m, pg2.detach() > pg1.detach(), log_ratio)
+
+
+@register_policy_loss("cispo")
+def cispo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+               clip_eps_low: float = 1.0, clip_eps_high: float = 0.2, dual_clip_c: float | None = None,
+               agg: str = "token_mean", is_weights: torch.Tensor | None = None,
+               num_tokens: float | None = None, num_seqs: float | None = None, max_len: int | None = None,
+               ) -> tuple[torch.Tensor, dict[str, float]]:
+    """CISPO, clipped IS weights. Shapes and return as `ppo_clip_loss`.
+
+        r_t    = pi_t / pi_old_t                                  (log-ratio clamped to +-20)
+        loss_t = -sg[clip(r_t, 1 - clip_eps_low, 1 + clip_eps_high)] * A * log pi_t      (x is_weights)
+    The weight is clipped and detached, never the token: every token keeps the gradient -w_t A (PPO-clip
+    zeroes the gradient of tokens outside the trust region). As verl 0.9.1's `compute_policy_loss_cispo`
+    (PyPI wheel verl-0.9.1, sha256 db6e6f2a...; the 0.8.0.dev tree, commit b178a3cd, is the same), including
+    `actor/clipfrac` = share of tokens whose weight was clipped. Defaults: MiniMax-M1 puts no lower bound on
+    the weight (clip_eps_low >= 1: ratios are positive, so 1 - clip_eps_low <= 0 never binds; verl's example
+    uses 10) and tunes only the upper one; 0.2 is verl's example (examples/cispo_trainer/ at b178a3cd). TRL's
+    CISPO caps the weight at epsilon_high itself (recommending 5.0 after ScaleRL): clip_eps_high=4.0 here."""
+    _only_ppo_dual_clip("cispo", dual_clip_c)
+    adv = _per_token(advantages)
+    log_ratio = (logp - old_logp).clamp(-20, 20)
+    ratio = torch.exp(log_ratio.detach())
+    weight = ratio.clamp(1 - clip_eps_low, 1 + clip_eps_high)
+    pg = -weight * adv * logp
+    if is_weights is not None:
+        pg = pg * is_weights.detach()
+    loss = agg_loss(pg, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len)
+    return loss, _pg_metrics(loss, mask, weight != ratio, log_ratio)
