@@ -4,9 +4,10 @@
       model.path=tiny:qwen2:shape=qwen2.5-1.5b model.dtype=bfloat16 trainer.micro_batch_tokens=16384 \\
       --response-tokens 16384 --steps 3 --baseline --output step.json
 
-Each rank builds a synthetic shard with R1-like, long-tailed response lengths (log-normal), takes the rollout
-log-probs from the policy itself (ratios ~1, as on-policy), and runs `compute_logprobs` + `update` of the real
-`TrainerWorker` (FSDP2, mixed precision, chunked log-probs, length-sorted micro-batches) for --steps measured
+Each rank (each data-parallel group, with trainer.sequence_parallel) builds a synthetic shard with R1-like,
+long-tailed response lengths (log-normal), takes the rollout log-probs from the policy itself (ratios ~1, as
+on-policy), and runs `compute_logprobs` + `update` of the real `TrainerWorker` (FSDP2, mixed precision, chunked
+log-probs, length-sorted or packed micro-batches, trainer.packing) for --steps measured
 steps after --warmup. Rank 0 prints one JSON line: tokens/s, step time, peak memory, MFU estimate
 (6 x params x trained tokens / update time over --peak-tflops) and, with --baseline (one rank), the same batch
 through a plain PyTorch + transformers loop (full logits, log-softmax, AdamW) at the same precision.
@@ -134,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = worker.rank, worker.world
     hf_cfg = worker.model.hf.config
     max_len = cfg.rollout.max_new_tokens
-    batch = synthetic_shard(hf_cfg.vocab_size, 0, a.response_tokens, a.prompt_len, max_len,
-                            a.mean_len or max_len / 4, a.sigma, cfg.trainer.seed * 100 + rank)
+    dp_rank, dp = rank // cfg.trainer.sequence_parallel, world // cfg.trainer.sequence_parallel
+    batch = synthetic_shard(hf_cfg.vocab_size, 0, a.response_tokens, a.prompt_len, max_len,   # one per dp group
+                            a.mean_len or max_len / 4, a.sigma, cfg.trainer.seed * 100 + dp_rank)
     result: dict = {"world": world, "device": str(worker.device), "rows": int(batch["input_ids"].shape[0]),
                     "response_tokens": int(batch["response_mask"].sum()),
                     "tokens": int(batch["attention_mask"].sum()), "params": sum(p.numel() for p in worker.model.parameters())}  # DTensor numel: global
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             times.append(time.perf_counter() - t1)
             lp_times.append(t1 - t0)
     upd = sum(times) / len(times)
-    tokens = result["tokens"] * world
+    tokens = result["tokens"] * dp
     result.update({"update_s": upd, "logprobs_s": sum(lp_times) / len(lp_times),
                    "train_tokens_per_s": tokens / upd, "peak_mb": peak_memory_mb(worker.device),
                    "padding_frac": metrics["perf/padding_frac"], "pg_loss": metrics["actor/pg_loss"],

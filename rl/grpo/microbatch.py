@@ -40,3 +40,24 @@ def padded_tokens(lengths: Sequence[int], groups: Sequence[Sequence[int]]) -> tu
 def padding_frac(lengths: Sequence[int], groups: Sequence[Sequence[int]]) -> float:
     real, padded = padded_tokens(lengths, groups)
     return 1.0 - real / padded if padded else 0.0
+
+
+def plan_micro_batches(lengths: Sequence[int], max_tokens: int, packing: bool, sp: int = 1) -> list[list[int]]:
+    """The trainer's micro-batches. Padded (packing False): `micro_batches`, (longest row) x (rows) <= max_tokens.
+    Packed: first-fit-decreasing bins of at most max_tokens x sp real tokens, each packed into one row, so that
+    each of the sp ranks of a sequence-parallel group holds at most max_tokens of them (verl multiplies
+    ppo_max_token_len_per_gpu by the Ulysses size the same way); a longer sequence gets a bin of its own."""
+    if not packing:
+        return micro_batches(lengths, max_tokens)
+    from rl.packing import first_fit_decreasing
+
+    return first_fit_decreasing(lengths, max_tokens * sp)
+
+
+def computed_tokens(lengths: Sequence[int], groups: Sequence[Sequence[int]], packing: bool, sp: int = 1
+                    ) -> tuple[int, int]:
+    """(real tokens, tokens the forward runs): padded rows, or packed rows padded to a multiple of sp."""
+    if not packing:
+        return padded_tokens(lengths, groups)
+    real = sum(lengths[i] for g in groups for i in g)
+    return real, sum(-(-sum(lengths[i] for i in g) // sp) * sp for g in groups if g)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rl.config import ModelConfig, opt, require
+from rl.config import LogSection, ModelConfig, opt, require
 
 
 @dataclass
@@ -46,7 +46,9 @@ class SFTTrainConfig:
     milestones: list = opt([], "multistep: steps at which the LR is multiplied by gamma")
     gamma: float = opt(0.1, "multistep decay factor")
     weight_decay: float = opt(0.0, "AdamW weight decay")
-    packing: bool = opt(False, "pack several short examples into one sequence (needs flash-attention to be exact)")
+    packing: bool = opt(False, "pack each batch's examples into rows of data.max_length tokens, positions restarting "
+                               "per example and attention kept within each (rl.packing): the same batches and loss "
+                               "as padding, without computing the padding")
     logging_steps: int = opt(10, "log every N steps")
     save_steps: int = opt(0, "checkpoint every N steps (0: only the final model)")
     resume: str = opt("auto", "auto: continue from the latest checkpoint in output_dir; never; or a path")
@@ -79,4 +81,5 @@ class SFTStageConfig:
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
     lora: LoraSection = field(default_factory=LoraSection)
+    log: LogSection = field(default_factory=LogSection)
     output_dir: str = opt("runs/sft", "run directory: checkpoints/, final/ (HF export), summary.json")

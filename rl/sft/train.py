@@ -2,10 +2,13 @@
 full fine-tune or LoRA (PEFT), LR schedules (incl. multi-step), checkpoint/resume, HF export (merged LoRA).
 
 No hand-written training loop: everything runs through `trl.SFTTrainer`; r1lab adds the dataset mapping,
-a multi-step LR schedule, and an atomic export.
+a multi-step LR schedule, the trackers of log.report_to (rl.tracking: TensorBoard through transformers' own
+callback, the others through ours, with the same train/... names), and an atomic export with a model card
+(rl.model_card) that log.push_to_hub uploads.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,6 +21,7 @@ from datasets import Dataset
 from data.loading import DataError
 from data.prompts import build_messages, build_prompt
 from rl.config import resolve_model_path, to_dict
+from rl.model_card import CardInfo, write_model_card
 from rl.sft.config import SFTDataConfig, SFTStageConfig
 
 
@@ -121,8 +125,39 @@ def _resume_arg(cfg: SFTStageConfig, ckpt_dir: Path) -> Any:
     return mode
 
 
-def run_sft(cfg: SFTStageConfig, callbacks: list | None = None) -> dict[str, Any]:
-    """Train; export the (merged) model to <output_dir>/final; return a summary with the loss curve."""
+def card_info(cfg: SFTStageConfig, steps: int) -> CardInfo:
+    """The model card of an SFT export (the distillation stage passes its own)."""
+    stage = "pretraining" if cfg.data.format == "text" else "sft"
+    lora = {"LoRA": f"rank {cfg.lora.r}, alpha {cfg.lora.alpha}, merged into the weights"} if cfg.lora.enabled else {}
+    return CardInfo(stage=stage, started_from=cfg.model.path, config=to_dict(cfg), datasets=[cfg.data.source],
+                    steps=steps, details={"learning rate": f"{cfg.train.lr:g} ({cfg.train.lr_schedule})", **lora},
+                    name=Path(cfg.output_dir).name)
+
+
+def run_sft(cfg: SFTStageConfig, callbacks: list | None = None, card: CardInfo | None = None,
+            push: bool = True) -> dict[str, Any]:
+    """Train; export the (merged) model to <output_dir>/final with a model card (`card`, default: this SFT
+    stage's); upload it when log.push_to_hub is set and `push`; return a summary with the loss curve."""
+    from rl.tracking import Trackers, hf_callback
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    others = [n for n in cfg.log.report_to if n != "tensorboard"]  # TensorBoard: transformers' own callback
+    trackers = Trackers(others, out, to_dict(cfg), project=cfg.log.project, run_name=cfg.log.run_name)
+    try:
+        summary = _train(cfg, list(callbacks or []) + [hf_callback(trackers)], card)
+        trackers.summary({k: v for k, v in summary.items() if k not in ("loss_curve", "config")})
+    finally:
+        trackers.close()
+    if push and cfg.log.push_to_hub:
+        from rl.model_card import push_to_hub
+
+        summary["hub_url"] = push_to_hub(summary["final"], cfg.log.push_to_hub)
+        print(f"uploaded {summary['final']} to {summary['hub_url']}", flush=True)
+    return summary
+
+
+def _train(cfg: SFTStageConfig, callbacks: list, card: CardInfo | None) -> dict[str, Any]:
     from peft import LoraConfig
     from transformers import AutoTokenizer
     from trl import SFTConfig
@@ -144,8 +179,8 @@ def run_sft(cfg: SFTStageConfig, callbacks: list | None = None) -> dict[str, Any
         weight_decay=t.weight_decay, logging_steps=t.logging_steps, save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500, save_total_limit=2, seed=t.seed, data_seed=t.seed,
         bf16=cfg.model.dtype == "bfloat16",  # autocast compute, fp32 master weights (as in GRPO)
-        packing=t.packing, max_length=cfg.data.max_length, completion_only_loss=cfg.data.format != "text",
-        dataset_text_field="text", report_to=["tensorboard"],
+        packing=False, max_length=cfg.data.max_length, completion_only_loss=cfg.data.format != "text",
+        dataset_text_field="text", report_to=["tensorboard"] if "tensorboard" in cfg.log.report_to else "none",
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
         gradient_checkpointing=t.gradient_checkpointing, disable_tqdm=False,
         model_init_kwargs={"dtype": torch.float32},
@@ -155,12 +190,19 @@ def run_sft(cfg: SFTStageConfig, callbacks: list | None = None) -> dict[str, Any
         peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                  target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
     cls = _trainer_cls()
+    collator = None
+    if t.packing:  # each batch's examples in rows of max_length tokens, attention kept within each (rl.packing)
+        from rl.packing import PackedLMCollator
+
+        collator = PackedLMCollator(tok.pad_token_id, cfg.data.max_length)
     trainer = cls(model=model_path, args=args, train_dataset=train_ds, processing_class=tok,
-                  peft_config=peft_config, callbacks=callbacks)
+                  peft_config=peft_config, callbacks=callbacks, data_collator=collator)
     trainer.r1_milestones = [int(m) for m in t.milestones] if t.lr_schedule == "multistep" else []
     trainer.r1_gamma = t.gamma
     trainer.train(resume_from_checkpoint=_resume_arg(cfg, out / "checkpoints"))
-    final = export(trainer, tok, out / "final", lora=cfg.lora.enabled)
+    info = card or card_info(cfg, trainer.state.global_step)
+    final = export(trainer, tok, out / "final", lora=cfg.lora.enabled,
+                   card=dataclasses.replace(info, steps=info.steps or trainer.state.global_step))
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     summary = {"final": str(final), "steps": trainer.state.global_step, "loss_curve": losses,
                "first_loss": losses[0][1] if losses else None, "last_loss": losses[-1][1] if losses else None,
@@ -169,8 +211,9 @@ def run_sft(cfg: SFTStageConfig, callbacks: list | None = None) -> dict[str, Any
     return summary
 
 
-def export(trainer, tok, final: Path, lora: bool) -> Path:
-    """HF export, atomically (tmp dir then rename); LoRA adapters are merged into the base weights."""
+def export(trainer, tok, final: Path, lora: bool, card: CardInfo | None = None) -> Path:
+    """HF export with its model card, atomically (tmp dir then rename); LoRA adapters are merged into the base
+    weights."""
     model = trainer.model
     if lora:
         model = model.merge_and_unload()
@@ -178,6 +221,8 @@ def export(trainer, tok, final: Path, lora: bool) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
+    if card is not None:
+        write_model_card(tmp, card, final_dir=final)
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
