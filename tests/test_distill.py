@@ -184,6 +184,7 @@ def test_traces_dataset_has_provenance_and_acceptance_rate(tiny_sft, vllm_engine
     assert all(t["reject_reason"] for t in traces if not t["kept"])
 
 
+@pytest.mark.slow  # a learning run: `make test-slow` (fast tier budget, issue 25)
 def test_on_policy_distillation_lowers_reverse_kl_to_the_teacher(weak_sft, tiny_sft, tmp_path):
     """Pure on-policy distillation (rule rewards weighted 0): the student samples, the teacher scores the sampled
     tokens, and the per-token reverse KL to the teacher falls."""
@@ -204,6 +205,7 @@ def test_on_policy_distillation_lowers_reverse_kl_to_the_teacher(weak_sft, tiny_
     assert last < 0.88 * first, kl
 
 
+@pytest.mark.slow  # a learning run: `make test-slow` (fast tier budget, issue 25)
 def test_run_distill_end_to_end_small(tiny_sft, tmp_path):
     """The whole stage on a small budget: teacher traces -> dataset -> a smaller Llama student (TRL SFT) ->
     teacher and student (and an extra model) evaluated on the same held-out file. The accuracy target is

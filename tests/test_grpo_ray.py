@@ -69,6 +69,28 @@ def test_grpo_learns_syncs_and_exports(weak_sft, tmp_path, vllm_engine):
     assert s.token_ids == hf.tolist()[: len(s.token_ids)]
 
 
+@pytest.mark.slow  # a learning run: `make test-slow` (fast tier budget, issue 25)
+@pytest.mark.parametrize("loss,extra", [("gspo", ["algo.loss_agg=seq_mean_token_mean", "trainer.lr=0.001"]),
+                                        ("cispo", ["trainer.lr=0.0005"])])
+def test_gspo_and_cispo_learn(loss, extra, weak_sft, tmp_path):
+    """Each policy loss at its paper's clip range (null: the loss's own default), with two mini-batches per step
+    so that the second one is off-policy and the clipping acts: reward rises. CISPO has no trust region, so it
+    gets half the learning rate: at 1e-3 the second mini-batch's unclipped step wrecks the tiny model's format
+    in one step (measured; PPO-clip with its clipping switched off does the same)."""
+    cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", [
+        f"model.path={weak_sft}", f"algo.policy_loss={loss}", "algo.clip_eps_low=null", "algo.clip_eps_high=null",
+        *extra, "trainer.mini_batches=2", "trainer.max_steps=16", "reward.weights=[1.0, 0.5]", "checkpoint.every=0",
+        f"log.output_dir={tmp_path}", "log.progress=false", "resources.ray_address=local"])
+    GRPODriver(cfg).run()
+    rows = [r for r in read_metrics(tmp_path) if r["step"] > 0]
+    assert [r["step"] for r in rows] == list(range(1, 17))
+    reward = [r["rollout/reward_mean"] for r in rows]
+    first, last = sum(reward[:4]) / 4, sum(reward[-4:]) / 4
+    assert last > first + 0.1, reward                                     # learning happened
+    assert sum(r["actor/clipfrac"] > 0 for r in rows) >= 8               # the second mini-batch is clipped
+    assert all(0.5 < r["rollout/is_weight_mean"] <= 1.01 and r["rollout/is_masked_frac"] == 0 for r in rows)
+
+
 def test_dead_worker_stops_with_clear_error_and_intact_checkpoint(tmp_path):
     import ray
 

@@ -1,7 +1,6 @@
 """The trainer worker without Ray: in-process (one gloo rank) and under torchrun (several ranks)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -12,22 +11,15 @@ import torch
 
 from rl.config import load_config
 from rl.grpo.config import GRPOConfig
+from rl.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _worker(cfg, model_path, base_path=None, sync_spec=None):
     from rl.grpo.trainer_worker import TrainerWorker
 
-    return TrainerWorker(0, 1, "127.0.0.1", _port(), cfg, str(model_path), str(base_path or model_path), sync_spec)
+    return TrainerWorker(0, 1, "127.0.0.1", free_port(), cfg, str(model_path), str(base_path or model_path), sync_spec)
 
 
 def _batch(worker, tokens=256):
@@ -100,7 +92,7 @@ def test_bf16_compute_updates_fp32_masters_and_pushes_their_bf16_cast(tiny, tmp_
 def _torchrun(nproc: int, args: list[str], tmp_path: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(_port()), "launch/train_step.py", "--response-tokens", "256", "--steps", "1", "--warmup", "0",
+           str(free_port()), "launch/train_step.py", "--response-tokens", "256", "--steps", "1", "--warmup", "0",
            *args, "trainer.threads=1", f"log.output_dir={tmp_path}"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -6,8 +6,10 @@ checkpoint, log, resources.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from rl.config import DataConfig, PolicyModelConfig, opt, require, require_known_rewards
+from rl.config import DataConfig, LogSection, PolicyModelConfig, opt, require, require_known_rewards
+from rl.moe.replay import DEFAULT_AUX_COEF
 
 
 @dataclass
@@ -31,8 +33,8 @@ class RolloutConfig:
     threads: int = opt(0, "CPU only: compute threads of each rollout engine (0 = every core of its node: the "
                           "synchronous loop never generates and trains at once)")
     async_steps: int = opt(0, "overlap: generate the batches of up to this many later steps while the current one "
-                              "trains (weights at most this many steps stale; 0 = synchronous). TIS or seq_mask "
-                              "(algo.rollout_correction) corrects for the staleness")
+                              "trains (weights at most this many steps stale; 0 = synchronous). "
+                              "algo.rollout_correction corrects for the staleness too")
     tools: str = opt("", "tool the policy may call mid-response: '' = none; python = a fenced ```python block "
                          "is run in the sandbox and its output inserted (rl.rollout.tools; inserted tokens are "
                          "masked out of the loss)", choices=["", "python"])
@@ -40,6 +42,13 @@ class RolloutConfig:
     tool_timeout_s: float = opt(5.0, "tools: wall-clock limit of one call (the context then says it timed out)")
     tool_memory_mb: int = opt(256, "tools: memory limit of one call")
     tool_max_output_chars: int = opt(256, "tools: longer outputs are cut (head and tail kept) before insertion")
+    return_routed_experts: bool = opt(False, "Mixture-of-Experts policies: the engine records which experts it "
+                                             "routed every token to in every MoE layer (vLLM's "
+                                             "enable_return_routed_experts on GPU, r1lab's recorder on CPU: "
+                                             "rl.rollout.routing_recorder), and the records travel with the "
+                                             "samples to the trainer; needed by algo.routing_replay=r3; with "
+                                             "routing_replay=off it only adds moe/routing_agreement (trainer vs "
+                                             "engine). On CPU it turns prefix caching off and forces eager mode")
 
     def validate(self) -> None:
         require(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
@@ -57,6 +66,10 @@ class RolloutConfig:
         require(self.tool_timeout_s > 0, "rollout.tool_timeout_s", "must be > 0")
         require(self.tool_memory_mb >= 16, "rollout.tool_memory_mb", "must be >= 16")
         require(self.tool_max_output_chars >= 16, "rollout.tool_max_output_chars", "must be >= 16")
+        require(not (self.return_routed_experts and self.tools), "rollout.return_routed_experts",
+                "is not supported with rollout.tools yet: a tool rollout runs one engine request per turn and the "
+                "per-turn routing records are not merged into one per sample; use algo.routing_replay=r2 "
+                "(the trainer records its own routing) and return_routed_experts=false")
 
     def tool_spec(self):
         """The limits of tool calls (rl.rollout.tools.ToolSpec); calls happen only when `tools` is set."""
@@ -70,44 +83,95 @@ class RolloutConfig:
 class AlgoConfig:
     """The GRPO objective."""
     advantage: str = opt("grpo", "advantage estimator (registry rl.algos.ADVANTAGE_ESTIMATORS)")
-    policy_loss: str = opt("ppo_clip", "policy loss (registry rl.algos.POLICY_LOSSES)")
+    policy_loss: str = opt("ppo_clip", "policy loss (registry rl.algos.POLICY_LOSSES): ppo_clip = PPO-clip (GRPO); "
+                                       "gspo = GSPO, one clipped ratio per sequence (its paper aggregates with "
+                                       "loss_agg=seq_mean_token_mean); cispo = CISPO, clipped and detached IS "
+                                       "weights on every token's log-prob gradient (none is dropped)")
     loss_agg: str = opt("token_mean", "loss aggregation",
                         choices=["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
-    clip_eps_low: float = opt(0.2, "PPO clip: lower bound 1 - clip_eps_low")
-    clip_eps_high: float = opt(0.2, "PPO clip: upper bound 1 + clip_eps_high (DAPO clip-higher: 0.28)")
+    clip_eps_low: float | None = opt(None, "ratio clipped from below at 1 - clip_eps_low; null = the policy loss's "
+                                           "own default: ppo_clip 0.2, gspo 3e-4 (GSPO paper), cispo 1.0 (no "
+                                           "lower bound, as MiniMax-M1; any value >= 1 means none)")
+    clip_eps_high: float | None = opt(None, "ratio clipped from above at 1 + clip_eps_high; null = the loss's own "
+                                            "default: ppo_clip 0.2 (DAPO clip-higher: 0.28), gspo 4e-4, cispo 0.2 "
+                                            "(verl's example). A YAML that sets 0.2/0.28 keeps them for gspo too: "
+                                            "write null there")
     dual_clip_c: float = opt(0.0, "dual-clip constant for negative advantages (0 = off; typical 3.0)")
     kl_coef: float = opt(0.0, "KL-to-reference coefficient in the loss (0 = no reference model)")
     kl_estimator: str = opt("k3", "KL estimator", choices=["k1", "k2", "k3"])
     entropy_coef: float = opt(0.0, "entropy bonus coefficient (entropy is always logged)")
-    tis_cap: float = opt(2.0, "truncated importance sampling cap vs rollout log-probs (0 = off)")
-    rollout_correction: str = opt("tis", "correction for the gap between the rollout engine's policy (older "
-                                  "weights in async mode, sampler numerics) and the trainer's: tis = per-token "
-                                  "weight min(pi_old/pi_rollout, tis_cap); seq_mask = drop sequences whose "
-                                  "geometric-mean ratio is outside [seq_mask_low, seq_mask_high]; none",
-                                  choices=["tis", "seq_mask", "none"])
-    seq_mask_low: float = opt(0.5, "seq_mask: lowest kept sequence importance ratio")
-    seq_mask_high: float = opt(2.0, "seq_mask: highest kept sequence importance ratio")
+    tis_cap: float = opt(2.0, "token_tis / seq_tis: importance weights are truncated at this (0 turns token_tis "
+                              "off); token_mis: tokens whose ratio exceeds it are masked")
+    rollout_correction: str = opt("token_tis", "correction for the gap between the rollout engine's policy (older "
+                                  "weights in async mode, sampler numerics) and the trainer's, with r = "
+                                  "pi_old/pi_rollout per token (rl.algos.rollout_correction): token_tis = weight "
+                                  "min(r, tis_cap); seq_tis = weight min(prod r, tis_cap) per sequence; token_mis = "
+                                  "weight r, tokens with r > tis_cap masked; seq_mis = sequences whose geometric-"
+                                  "mean ratio is outside [seq_mask_low, seq_mask_high] masked; icepop = weight r, "
+                                  "tokens with r outside [icepop_low, icepop_high] masked; none. tis and seq_mask "
+                                  "are the old names of token_tis and seq_mis",
+                                  choices=["none", "token_tis", "seq_tis", "token_mis", "seq_mis", "icepop", "tis",
+                                           "seq_mask"])
+    seq_mask_low: float = opt(0.5, "seq_mis: lowest kept geometric-mean sequence ratio")
+    seq_mask_high: float = opt(2.0, "seq_mis: highest kept geometric-mean sequence ratio")
+    icepop_low: float = opt(0.5, "icepop: tokens whose ratio is below this are masked (IcePop's alpha)")
+    icepop_high: float = opt(5.0, "icepop: tokens whose ratio is above this are masked (IcePop's beta)")
     overlong_filter: bool = opt(False, "DAPO: truncated responses do not contribute to the loss")
     logprob_check_tol: float = opt(0.1, "step 0: stop if mean |trainer - rollout| log-prob exceeds this")
     distill_teacher: str = opt("", "on-policy distillation: teacher model path (same tokenizer as the policy); "
                                    "each sampled token's advantage gets -distill_coef * (log pi - log teacher)")
     distill_coef: float = opt(1.0, "weight of the per-token reverse-KL advantage (with distill_teacher)")
+    routing_replay: str | bool = opt("off", "Mixture-of-Experts routing replay in the trainer's forwards (rl.moe.replay, "
+                                     "rl.moe.trainer_routing): off = the trainer routes on its own; r2 = the "
+                                     "old-log-prob pass records the trainer's own expert choices and the update's "
+                                     "forwards replay them; r3 = Rollout Routing Replay (arXiv 2510.11370): every "
+                                     "trainer forward uses the experts the rollout engine chose (needs "
+                                     "rollout.return_routed_experts), while the gate weights still come from the "
+                                     "trainer's router, so the router keeps its gradient. r2/r3 need an MoE "
+                                     "policy. One of off | r2 | r3 (YAML's bare off, read as false, means off)")
+    moe_aux_coef: float = opt(DEFAULT_AUX_COEF, "Mixture-of-Experts: weight of the router's load-balancing loss "
+                                                "(moe/aux_loss: HF's Switch loss for softmax routers, DeepSeek-V3's "
+                                                "sequence-wise loss for sigmoid ones) added to the loss. Default 0, "
+                                                "as Unsloth (TRL adds 0.001 x HF's loss): RL starts from a router "
+                                                "pre-training already balanced, on far less data, and under r3 the "
+                                                "selection is the engine's anyway, so the loss would mostly pull "
+                                                "the router against the policy gradient; raise it if "
+                                                "moe/expert_load_entropy falls")
 
     def validate(self) -> None:
-        from rl.algos import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
+        from rl.algos import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, policy_loss_defaults
+        from rl.algos.rollout_correction import canonical_mode
 
         require(self.advantage in ADVANTAGE_ESTIMATORS, "algo.advantage",
                 f"{self.advantage!r} unknown; allowed: {sorted(ADVANTAGE_ESTIMATORS)}")
         require(self.policy_loss in POLICY_LOSSES, "algo.policy_loss",
                 f"{self.policy_loss!r} unknown; allowed: {sorted(POLICY_LOSSES)}")
-        require(0 <= self.clip_eps_low < 1, "algo.clip_eps_low", "must be in [0, 1)")
+        for key, default in policy_loss_defaults(self.policy_loss).items():   # null: the loss's own default
+            if getattr(self, key) is None:
+                setattr(self, key, default)
+        if self.policy_loss == "cispo":
+            require(self.clip_eps_low >= 0, "algo.clip_eps_low", "must be >= 0 (>= 1: no lower bound)")
+        else:
+            require(0 <= self.clip_eps_low < 1, "algo.clip_eps_low", "must be in [0, 1)")
         require(self.clip_eps_high >= 0, "algo.clip_eps_high", "must be >= 0")
         require(self.dual_clip_c == 0 or self.dual_clip_c > 1, "algo.dual_clip_c", "must be 0 (off) or > 1")
+        require(self.dual_clip_c == 0 or self.policy_loss == "ppo_clip", "algo.dual_clip_c",
+                f"dual-clip is defined for policy_loss=ppo_clip only, not {self.policy_loss}: set it to 0")
+        self.rollout_correction = canonical_mode(self.rollout_correction)
         require(self.kl_coef >= 0, "algo.kl_coef", "must be >= 0")
         require(self.tis_cap == 0 or self.tis_cap >= 1, "algo.tis_cap", "must be 0 (off) or >= 1")
+        require(self.tis_cap >= 1 or self.rollout_correction not in ("seq_tis", "token_mis"), "algo.tis_cap",
+                f"rollout_correction={self.rollout_correction} needs tis_cap >= 1")
         require(self.distill_coef > 0, "algo.distill_coef", "must be > 0")
         require(0 < self.seq_mask_low <= 1 <= self.seq_mask_high, "algo.seq_mask_low",
                 "need 0 < seq_mask_low <= 1 <= seq_mask_high")
+        require(0 < self.icepop_low <= 1 <= self.icepop_high, "algo.icepop_low",
+                "need 0 < icepop_low <= 1 <= icepop_high")
+        if self.routing_replay is False:     # YAML 1.1 reads a bare `off` as false
+            self.routing_replay = "off"
+        require(self.routing_replay in ("off", "r2", "r3"), "algo.routing_replay",
+                f"{self.routing_replay!r} is not allowed; allowed values: off, r2, r3")
+        require(self.moe_aux_coef >= 0, "algo.moe_aux_coef", "must be >= 0 (0 = no load-balancing loss)")
 
 
 @dataclass
@@ -121,6 +185,11 @@ class RewardSection:
     max_failed_frac: float = opt(0.2, "stop the run when a reward function fails (timeout, crash, unparsable "
                                       "gold) on more than this share of a step's items ...")
     max_failed_steps: int = opt(3, "... for this many steps in a row (failed items never train either way)")
+    retries: int = opt(2, "retries of an item whose reward plugin failed transiently (TransientRewardError, "
+                          "timeouts, connection errors, HTTP 408/425/429/5xx: rewards.outcome.is_transient) before "
+                          "it counts as failed; deterministic errors are never retried")
+    retry_backoff_s: float = opt(0.5, "wait before the k-th retry: retry_backoff_s x 2^(k-1) (all retries stay "
+                                      "within reward.batch_timeout_s)")
 
     def validate(self) -> None:
         require(len(self.functions) == len(self.weights), "reward.weights",
@@ -128,6 +197,8 @@ class RewardSection:
         require_known_rewards(self.functions, "reward.functions")
         require(0 <= self.max_failed_frac <= 1, "reward.max_failed_frac", "must be in [0, 1]")
         require(self.max_failed_steps >= 1, "reward.max_failed_steps", "must be >= 1")
+        require(self.retries >= 0, "reward.retries", "must be >= 0 (0 = no retries)")
+        require(self.retry_backoff_s >= 0, "reward.retry_backoff_s", "must be >= 0")
 
 
 @dataclass
@@ -146,10 +217,29 @@ class TrainerConfig:
     grad_clip: float = opt(1.0, "max grad norm (0 = off)")
     ppo_epochs: int = opt(1, "passes over each rollout batch")
     mini_batches: int = opt(1, "optimizer steps per epoch (the batch is split into this many)")
-    micro_batch_tokens: int = opt(8192, "max tokens per forward/backward micro-batch (per worker)")
+    micro_batch_tokens: int = opt(8192, "token budget of one forward/backward micro-batch per worker (verl: "
+                                        "ppo_max_token_len_per_gpu; micro-batches are always cut by tokens, as "
+                                        "verl's use_dynamic_bsz): padded, (longest row) x (rows) <= it; packed, "
+                                        "the real tokens of a micro-batch <= it x sequence_parallel, so each rank "
+                                        "holds at most this many; a longer sequence gets a micro-batch of its own")
+    packing: bool = opt(False, "pack each micro-batch's sequences into one row without padding (verl: "
+                               "use_remove_padding): positions restart per sequence and attention stays within "
+                               "each (flash-attention varlen on CUDA when flash_attn is installed, else SDPA); "
+                               "log-probs, loss and normalisers are those of padded rows (rl.packing, "
+                               "rl.grpo.sequence_parallel). false: length-sorted padded rows with an attention mask")
+    sequence_parallel: int = opt(1, "Ulysses sequence parallelism (verl: ulysses_sequence_parallel_size): groups of "
+                                    "this many trainer workers split every packed row's tokens between them, and "
+                                    "attention exchanges heads with all-to-all, so one response of L tokens needs "
+                                    "L/k activations per worker; needs packing, num_workers divisible by it, and "
+                                    "attention heads divisible by it (KV heads divisible by it or dividing it); "
+                                    "parameters and optimizer state are sharded over all workers (dp x sp)")
     seed: int = opt(0, "global seed")
     threads: int = opt(0, "torch threads per trainer worker (0 = auto)")
     backend: str = opt("auto", "torch.distributed backend", choices=["auto", "gloo", "nccl"])
+    collective_timeout_s: float = opt(1800.0, "a collective of the trainer group that waits longer than this fails "
+                                              "with an error naming the rank that did not arrive "
+                                              "(rl.grpo.collective_watch; the process-group timeout; NCCL's "
+                                              "watchdog aborts the process instead); must exceed sync.timeout_s")
     peak_tflops: float = opt(0.0, "per-device dense peak in TFLOP/s (H100 bf16: 989) for the perf/mfu metric "
                                   "(6 x params x trained tokens / update time / peak); 0 = no MFU")
 
@@ -159,7 +249,14 @@ class TrainerConfig:
         require(self.lr > 0, "trainer.lr", "must be > 0")
         require(self.ppo_epochs >= 1 and self.mini_batches >= 1, "trainer.mini_batches", "must be >= 1")
         require(self.micro_batch_tokens >= 16, "trainer.micro_batch_tokens", "must be >= 16")
+        require(self.sequence_parallel >= 1, "trainer.sequence_parallel", "must be >= 1 (1 = off)")
+        require(self.num_workers % self.sequence_parallel == 0, "trainer.sequence_parallel",
+                f"trainer.num_workers={self.num_workers} is not divisible by sequence_parallel="
+                f"{self.sequence_parallel} (workers form groups of sequence_parallel ranks)")
+        require(self.packing or self.sequence_parallel == 1, "trainer.sequence_parallel",
+                f"sequence_parallel={self.sequence_parallel} splits packed rows: set trainer.packing=true")
         require(all(isinstance(m, int) for m in self.milestones), "trainer.milestones", "must be integers")
+        require(self.collective_timeout_s > 0, "trainer.collective_timeout_s", "must be > 0")
 
 
 @dataclass
@@ -180,14 +277,19 @@ class CheckpointConfig:
     """Checkpoints (atomic: written to a temporary directory, then renamed)."""
     every: int = opt(10, "save every N steps (0 = only at the end)")
     resume: str = opt("auto", "auto: continue from the latest checkpoint in output_dir; never; or a path")
-    keep: int = opt(2, "number of checkpoints kept")
+    keep: int = opt(2, "number of checkpoints kept (complete step_N directories; the one just written always "
+                       "is; damaged ones renamed step_N.damaged are never counted nor deleted)")
+    verify: bool = opt(True, "before resuming, check every file of the checkpoint against its manifest (sizes and "
+                             "CRC-32, written with every checkpoint); a damaged newest checkpoint is renamed "
+                             "step_N.damaged and the newest intact one is used, with a warning naming the file")
 
 
 @dataclass
-class LogConfig:
-    """Metrics, progress and validation."""
+class LogConfig(LogSection):
+    """Metrics, trackers, progress, validation and the hub upload."""
+    KEY_HINTS: ClassVar[dict[str, str]] = {"tensorboard": "TensorBoard is one of log.report_to (default "
+                                           "[tensorboard]); log.report_to=[] writes metrics.jsonl only"}
     output_dir: str = opt("runs/grpo", "run directory: metrics.jsonl, tensorboard/, checkpoints/, final/")
-    tensorboard: bool = opt(True, "write TensorBoard event files")
     progress: bool = opt(True, "progress bar with ETA")
     val_every: int = opt(0, "validate every N steps (0 = off)")
     val_benchmark: str = opt("", "benchmark for validation: a name (math500, ...) or a JSONL path; "
@@ -239,5 +341,22 @@ class GRPOConfig:
             require(not (self.resources.trainer_gpus > 0 and self.rollout.async_steps > 0), "rollout.async_steps",
                     "colocated on GPUs the engine sleeps while the trainer trains, so nothing can overlap: use "
                     "async_steps=0 or separate GPUs (resources.colocate=false)")
+        require(self.trainer.collective_timeout_s > self.sync.timeout_s, "trainer.collective_timeout_s",
+                f"must exceed sync.timeout_s={self.sync.timeout_s:g}: during a weight sync trainer rank 0 waits that "
+                "long for the engines while the other ranks wait in a collective")
+        if self.algo.routing_replay == "r3":
+            require(self.rollout.return_routed_experts, "algo.routing_replay",
+                    "r3 replays the experts the rollout engine chose: set rollout.return_routed_experts=true "
+                    "(or use r2, which replays the trainer's own old-log-prob pass)")
+        if self.algo.routing_replay == "r2":
+            require(self.trainer.sequence_parallel == 1, "algo.routing_replay",
+                    "r2 with trainer.sequence_parallel > 1 is not supported yet (each rank records only its part "
+                    "of a packed row): use r3 or sequence_parallel=1")
         require(self.rollout.max_new_tokens < self.rollout.max_model_len, "rollout.max_new_tokens",
                 f"must be below rollout.max_model_len ({self.rollout.max_model_len})")
+        need = self.data.max_prompt_tokens + self.rollout.max_new_tokens
+        require(need <= self.rollout.max_model_len, "rollout.max_model_len",
+                f"{self.rollout.max_model_len} cannot hold the longest prompt plus the longest response: "
+                f"data.max_prompt_tokens={self.data.max_prompt_tokens} + rollout.max_new_tokens="
+                f"{self.rollout.max_new_tokens} = {need}; raise it (or lower those), else responses are cut at the "
+                "context length before max_new_tokens, where DAPO's overlong penalty and filter do not look")

@@ -11,6 +11,7 @@ and the weight push/load pair, which run concurrently by design.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ from rl.grpo.placement import plan_placement
 from rl.grpo.prompts import Cursor, load_train_rows, tokenize_prompts
 from rl.grpo.rewards_check import FailureWatch, merge_reward_metrics
 from rl.grpo.rollout_queue import RolloutQueue
+from rl.model_card import CardInfo, write_model_card
 
 log = logging.getLogger("r1lab.grpo")
 latest_checkpoint = ckpt.latest_checkpoint  # re-exported: tests and users look for it here
@@ -41,6 +43,14 @@ latest_checkpoint = ckpt.latest_checkpoint  # re-exported: tests and users look 
 
 class WorkerDied(RuntimeError):
     """A Ray worker died; the message names it and the last intact checkpoint."""
+
+
+class TrainerStalled(WorkerDied):
+    """A collective of the trainer group timed out; `stalled` lists the trainer ranks that did not arrive."""
+
+    def __init__(self, message: str, stalled: list[int]) -> None:
+        super().__init__(message)
+        self.stalled = stalled
 
 
 class WeightSyncError(RuntimeError):
@@ -52,11 +62,9 @@ def _rank0_address() -> tuple[str, int]:
     127.0.1.1 on stock Debian/Ubuntu) and a free port."""
     import ray
 
-    s = socket.socket()
-    s.bind(("", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return ray.util.get_node_ip_address(), port
+    from rl.ports import free_port
+
+    return ray.util.get_node_ip_address(), free_port("")
 
 
 def _import_path() -> list[str]:
@@ -69,20 +77,11 @@ def _import_path() -> list[str]:
 
 
 def fused_sums(hf_sums: dict[str, float], engine_sums: dict[str, float]) -> list[str]:
-    """Names whose engine-side sum differs from the trainer's (vLLM fuses q/k/v and gate/up projections)."""
-    bad = []
-    for name, s in engine_sums.items():
-        parts = [name]
-        if ".qkv_proj." in name:
-            parts = [name.replace("qkv_proj", p) for p in ("q_proj", "k_proj", "v_proj")]
-        elif ".gate_up_proj." in name:
-            parts = [name.replace("gate_up_proj", p) for p in ("gate_proj", "up_proj")]
-        if not all(p in hf_sums for p in parts):
-            continue
-        want = sum(hf_sums[p] for p in parts)
-        if abs(want - s) > 1e-4 * max(1.0, abs(want)):
-            bad.append(f"{name}: engine {s:.6g} vs trainer {want:.6g}")
-    return bad
+    """Names whose engine-side sum differs from the trainer's, across vLLM's fused layouts (q/k/v, gate/up,
+    MLA's fused_qkv_a_proj, MoE experts' w13/w2: rl.grpo.sync.checksum)."""
+    from rl.grpo.sync.checksum import match_engine_sums
+
+    return match_engine_sums(hf_sums, engine_sums)[1]
 
 
 def validation_sampling(cfg: GRPOConfig):
@@ -103,6 +102,40 @@ def strictly_on_policy(cfg: GRPOConfig) -> bool:
     return t.ppo_epochs == 1 and t.mini_batches == 1 and cfg.rollout.async_steps == 0 and not cfg.algo.distill_teacher
 
 
+def check_model_config(cfg: GRPOConfig, model_path: str) -> None:
+    """Before Ray starts: the model's heads split over trainer.sequence_parallel ranks, and its context holds
+    rollout.max_model_len (vLLM refuses a longer one unless VLLM_ALLOW_LONG_MAX_MODEL_LEN is set)."""
+    from transformers import AutoConfig
+
+    from rl.config import ConfigError
+    from rl.grpo.sequence_parallel import check_heads
+
+    hf = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    hf = getattr(hf, "text_config", None) or hf
+    check_heads(hf, cfg.trainer.sequence_parallel)
+    check_moe_config(cfg, hf)
+    ctx = getattr(hf, "max_position_embeddings", None)
+    if ctx and cfg.rollout.max_model_len > ctx and not os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN"):
+        raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len} exceeds the context of {cfg.model.path} "
+                          f"(max_position_embeddings={ctx}): lower it, or use a model with a longer context")
+
+
+def check_moe_config(cfg: GRPOConfig, hf_config) -> None:
+    """Routing replay and routed-experts capture need a Mixture-of-Experts policy: refuse them on a dense one."""
+    from rl.config import ConfigError
+    from rl.moe.routing_capture import moe_shape
+
+    if moe_shape(hf_config) is not None:
+        return
+    for key, on in (("algo.routing_replay", cfg.algo.routing_replay != "off"),
+                    ("rollout.return_routed_experts", cfg.rollout.return_routed_experts),
+                    ("algo.moe_aux_coef", cfg.algo.moe_aux_coef > 0)):
+        if on:
+            raise ConfigError(f"{key}: {cfg.model.path} is a dense model (no Mixture-of-Experts layers); routing "
+                              "replay, routed-experts capture and the load-balancing loss are for MoE policies: "
+                              "set algo.routing_replay=off, rollout.return_routed_experts=false, algo.moe_aux_coef=0")
+
+
 class GRPODriver:
     def __init__(self, cfg: GRPOConfig) -> None:
         from transformers import AutoTokenizer
@@ -112,6 +145,7 @@ class GRPODriver:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
         self.model_path = resolve_model_path(cfg.model.path)
+        check_model_config(cfg, self.model_path)
         self.tok = AutoTokenizer.from_pretrained(self.model_path)
         self.pad_id = pad_id_of(self.tok)
         self.peak_flops = cfg.trainer.peak_tflops * 1e12
@@ -213,9 +247,15 @@ class GRPODriver:
     def _raise_worker_error(self, e: Exception, what: str):
         from ray.exceptions import GetTimeoutError, RayActorError
 
+        from rl.grpo.collective_watch import CollectiveTimeout
+
+        where = (f"the last intact checkpoint is {self.last_ckpt}" if self.last_ckpt
+                 else "no checkpoint was written yet")
+        if isinstance(e, CollectiveTimeout):   # raised in a trainer: Ray's error is also an instance of it
+            cause = getattr(e, "cause", None) or e
+            raise TrainerStalled(f"{what} at step {self.step + 1}: {cause}. Stopping; {where}; rerun with "
+                                 "checkpoint.resume=auto to continue", list(getattr(cause, "stalled", []))) from None
         if isinstance(e, RayActorError):
-            where = (f"the last intact checkpoint is {self.last_ckpt}" if self.last_ckpt
-                     else "no checkpoint was written yet")
             who = self._actor_names().get(getattr(e, "actor_id", None) or "", "a Ray worker")
             raise WorkerDied(f"{who} died during {what} at step {self.step + 1}. Stopping; {where}; rerun with "
                              f"checkpoint.resume=auto to continue. Ray said: {e}") from None
@@ -280,7 +320,7 @@ class GRPODriver:
                     "perf/step_s": time.perf_counter() - t0}
         adv, adv_m = group_advantages(cfg.algo.advantage, groups)
         batch = build_batch(groups, adv, self.pad_id, cfg.algo.overlong_filter)
-        shards, parts = shard(batch, len(self.trainers))
+        shards, parts = shard(batch, len(self.trainers) // cfg.trainer.sequence_parallel)   # one per dp group
         train_m, t_lp, t_up = self._train(batch, shards, parts, adv.numel(), m)
         self._sleep_engines(False)
         t2 = time.perf_counter()
@@ -300,13 +340,16 @@ class GRPODriver:
         return out
 
     def _train(self, batch, shards, parts, n: int, m: dict) -> tuple[dict[str, float], float, float]:
-        """Old/ref/teacher log-probs (when needed), the safety check, the update. Returns (metrics, t_lp, t_up)."""
+        """Old/ref/teacher log-probs (when needed), the safety check, the update. Returns (metrics, t_lp, t_up).
+        `shards`: one per data-parallel group; the trainer.sequence_parallel ranks of a group get the same one."""
         cfg = self.cfg
+        sp = cfg.trainer.sequence_parallel
+        per_rank = [shards[i // sp] for i in range(len(self.trainers))]   # the same dicts: updates below reach all
         skip_old = strictly_on_policy(cfg) and self.checked_logprobs
         t1 = time.perf_counter()
         if not skip_old or cfg.algo.kl_coef > 0:
-            lps = self._get([w.compute_logprobs.remote(s, not skip_old) for w, s in zip(self.trainers, shards)],
-                            3600, "log-probs")
+            lps = self._get([w.compute_logprobs.remote(s, not skip_old) for w, s in zip(self.trainers, per_rank)],
+                            3600, "log-probs")[::sp]   # the ranks of a group return the same
             for s, lp in zip(shards, lps):
                 s.update({k: v for k, v in lp.items() if k != "seconds"})
         if not skip_old:
@@ -324,7 +367,7 @@ class GRPODriver:
         t_lp = time.perf_counter() - t1
         self._sleep_engines(True)
         t2 = time.perf_counter()
-        metrics_list = self._get([w.update.remote(s) for w, s in zip(self.trainers, shards)], 3600, "update")
+        metrics_list = self._get([w.update.remote(s) for w, s in zip(self.trainers, per_rank)], 3600, "update")
         out = dict(metrics_list[0])
         out["train/old_logprobs_skipped"] = float(skip_old)
         return out, t_lp, time.perf_counter() - t2
@@ -399,6 +442,8 @@ class GRPODriver:
         self._get([w.save_checkpoint.remote(str(tmp)) for w in self.trainers], 3600, "checkpoint")
         self._get([w.export_hf.remote(str(tmp / "hf"), self.cfg.sync.bucket_mb, True) for w in self.trainers],
                   3600, "checkpoint (hf)")
+        write_model_card(tmp / "hf", dataclasses.replace(self.card_info(), name=f"{self.out.name}-step{self.step}"),
+                         final_dir=final / "hf")
         cursor = self.queue.resume_cursor() or self.cursor.state()
         state = {"step": self.step, "cursor": cursor, "trainer_workers": len(self.trainers)}
         self.last_ckpt = ckpt.commit(tmp, final, state, self.cfg.checkpoint.keep)
@@ -408,12 +453,10 @@ class GRPODriver:
         mode = self.cfg.checkpoint.resume
         if mode == "never":
             return None
-        if mode == "auto":
-            return ckpt.latest_checkpoint(self.ckpt_root)
-        p = Path(mode)
-        if not (p / "DONE").exists():
-            raise FileNotFoundError(f"checkpoint.resume={mode}: not a complete checkpoint (no DONE file)")
-        return p
+        verify = self.cfg.checkpoint.verify
+        if mode == "auto":   # damaged ones are renamed step_N.damaged, with a warning naming the bad file
+            return ckpt.latest_intact_checkpoint(self.ckpt_root, verify_files=verify)
+        return ckpt.check_resume_path(Path(mode), verify_files=verify)
 
     # ------------------------------------------------------------------------------------------------ run
     def validate(self) -> dict[str, float]:
@@ -439,13 +482,16 @@ class GRPODriver:
             start_step = state["step"]
             self.cursor.epoch, self.cursor.pos = state["cursor"]["epoch"], state["cursor"]["pos"]
             print(f"resuming from {resume} at step {start_step + 1}", flush=True)
-        self.start(init_path=str(resume / "hf") if resume else None)
-        if resume is not None:
-            self._get([w.load_checkpoint.remote(str(resume)) for w in self.trainers], 3600, "resume")
-            self.last_ckpt = resume
-        self.step = self.version = start_step
-        mlog = MetricsLog(self.out, cfg.log.tensorboard, cfg.log.progress, cfg.trainer.max_steps, start_step)
+        lc = cfg.log  # the trackers start before Ray does: one that cannot start fails the run at once
+        mlog = MetricsLog(self.out, lc.report_to, lc.progress, cfg.trainer.max_steps, start_step, to_dict(cfg),
+                          lc.project, lc.run_name)
+        result: dict[str, Any] = {}
         try:
+            self.start(init_path=str(resume / "hf") if resume else None)
+            if resume is not None:
+                self._get([w.load_checkpoint.remote(str(resume)) for w in self.trainers], 3600, "resume")
+                self.last_ckpt = resume
+            self.step = self.version = start_step
             if (self.heldout_rows or cfg.log.val_benchmark) and cfg.log.val_every and start_step == 0:
                 mlog.log(0, self.validate())
             while self.step < cfg.trainer.max_steps:
@@ -459,16 +505,40 @@ class GRPODriver:
                     self.save_checkpoint()
             final = self.out / "final"
             self._get([w.export_hf.remote(str(final), cfg.sync.bucket_mb, True) for w in self.trainers], 3600, "export")
-            return {"final": str(final), "steps": self.step}
+            write_model_card(final, self.card_info())
+            result = {"final": str(final), "steps": self.step}
         finally:
-            mlog.close()
             self.close()
+            timing = None
             try:
                 from rl.grpo.plots import plot_timing
 
-                plot_timing(self.out / "metrics.jsonl", self.out / "timing.png")
+                timing = plot_timing(self.out / "metrics.jsonl", self.out / "timing.png")
             except Exception as e:  # a plot must never hide the run's own outcome
                 log.warning("could not plot the time breakdown: %s", e)
+            mlog.finish({"plots/timing": timing} if timing else {}, {**result, **mlog.last})
+            mlog.close()
+        if lc.push_to_hub:
+            from rl.model_card import push_to_hub
+
+            result["hub_url"] = push_to_hub(result["final"], lc.push_to_hub)
+            print(f"uploaded {result['final']} to {result['hub_url']}", flush=True)
+        return result
+
+    def card_info(self) -> CardInfo:
+        """The model card of this run's exports (final and every checkpoint's hf/)."""
+        cfg = self.cfg
+        a, r = cfg.algo, cfg.rollout
+        details = {"algorithm": f"{a.advantage} advantages, {a.policy_loss} loss ({a.loss_agg}), KL coef "
+                                f"{a.kl_coef:g}",
+                   "rollouts": f"{r.batch_prompts} prompts x {r.n} samples per step, T={r.temperature:g}, up to "
+                               f"{r.max_new_tokens} new tokens" + (f", tool: {r.tools}" if r.tools else ""),
+                   "learning rate": f"{cfg.trainer.lr:g} ({cfg.trainer.lr_schedule})"}
+        if a.distill_teacher:
+            details["on-policy distillation"] = f"teacher `{a.distill_teacher}`, coef {a.distill_coef:g}"
+        return CardInfo(stage="grpo", started_from=cfg.model.path, config=to_dict(cfg), datasets=[cfg.data.source],
+                        steps=self.step, rewards=list(zip(cfg.reward.functions, map(float, cfg.reward.weights))),
+                        details=details, name=self.out.name)
 
     def close(self) -> None:
         import ray

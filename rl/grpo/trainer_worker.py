@@ -10,10 +10,25 @@ runs it without Ray under `torchrun` (one process per rank; `TrainerWorker.from_
 Collective methods (every rank must call them, in the same order): compute_logprobs, update, push_weights,
 export_hf, save_checkpoint, load_checkpoint, master_sums. FSDP all-gathers parameters in every forward, so ranks
 also run equal numbers of micro-batches (a short rank runs zero-weighted dummy micro-batches).
-Backends: gloo on CPU, nccl on GPUs; the code path is the same.
+Micro-batches (`rl.grpo.microbatch.plan_micro_batches`): length-sorted padded rows [rows, L] with an attention
+mask, or with `trainer.packing` one packed row per micro-batch (`rl.packing.PackedLayout`: sequences back to back,
+first-fit-decreasing up to the token budget); either way the log-probs come back in the batch's [B, L] layout, so
+the loss, its global normalisers and the metrics are the same code. `trainer.sequence_parallel: k` groups k
+consecutive ranks (`rl.grpo.sequence_parallel`): the ranks of a group get the same rows (the driver sends them the
+same shard), each holds 1/k of every packed row's tokens, and all of them compute the group's loss; group sums
+(normalisers, metrics) are therefore divided by k, and FSDP still shards over (and averages over) every rank.
+Mixture-of-Experts policies: every policy forward runs under `rl.moe.trainer_routing` (algo.routing_replay: the
+trainer's own routing, R2's record/replay or R3's replay of the engine's experts; moe/* metrics; the router's
+load-balancing loss with algo.moe_aux_coef).
+Backends: gloo on CPU, nccl on GPUs; the code path is the same. Collectives time out after
+`trainer.collective_timeout_s`; every collective method, micro-batch and bucket is a check-in point
+(`rl.grpo.collective_watch`), so a timed-out collective raises `CollectiveTimeout` naming the rank that did not
+arrive.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import math
 import os
 import random
@@ -24,9 +39,13 @@ import torch
 import torch.distributed as dist
 
 from rl.algos.assemble import LossTerms, Normalisers, assemble_loss
+from rl.grpo.collective_watch import CheckIn, collective
 from rl.grpo.config import GRPOConfig
 from rl.grpo.fsdp_model import compute_dtype, load_model
-from rl.grpo.microbatch import micro_batches, padded_tokens
+from rl.grpo.microbatch import computed_tokens, plan_micro_batches
+from rl.grpo.sequence_parallel import check_heads, make_sp_group
+from rl.moe.trainer_routing import RECORD_KEY, TrainerRouting, finish_weighted, packed_mask, record_of
+from rl.packing import PackedLayout
 
 Batch = dict[str, torch.Tensor]   # input_ids, attention_mask, response_mask, rollout_logp [B, L]; adv [B]
                                   # (+ old_logp, ref_logp, teacher_logp [B, L] from compute_logprobs)
@@ -64,28 +83,44 @@ class TrainerWorker:
             torch.set_num_threads(tc.threads)
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         if not dist.is_initialized():
-            dist.init_process_group(backend, rank=rank, world_size=world_size)
-        from torch.distributed.device_mesh import init_device_mesh
-
-        self.mesh = init_device_mesh(self.device.type, (world_size,))
-        random.seed(tc.seed + rank)
-        torch.manual_seed(tc.seed + rank)
-        self.dtype = compute_dtype(cfg.model.dtype)
-        self.model = load_model(model_path, cfg.model, self.device, self.mesh, trainable=True)
-        frozen = lambda p: load_model(p, cfg.model, self.device, self.mesh, trainable=False)  # noqa: E731
-        self.ref = frozen(self.base_path) if cfg.algo.kl_coef > 0 else None
-        self.teacher = frozen(cfg.algo.distill_teacher) if cfg.algo.distill_teacher else None
-        self.optim = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=tc.lr,
-                                       betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.optim, lr_lambda(cfg))
-        self.terms = LossTerms.from_algo(cfg.algo)
-        self.n_params = sum(p.numel() for p in self.model.parameters())   # DTensor numel: the global count
+            dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                    timeout=datetime.timedelta(seconds=tc.collective_timeout_s))
+        self.checkin = CheckIn.for_default_group(rank, world_size, tc.collective_timeout_s)
+        with self.checkin.section("start-up (device mesh, model loading)"):
+            self._build(model_path, cfg)
         self.transport = None
         if sync_spec is not None and rank == 0:
             from rl.grpo.sync import make_transport
 
             self.transport = make_transport(sync_spec)
             self.swept = self.transport.open_writer()   # also removes sync directories of dead runs
+
+    def _build(self, model_path: str, cfg: GRPOConfig) -> None:
+        """Device mesh, policy (+ frozen reference / teacher), optimizer and schedule."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from transformers import AutoConfig
+
+        tc, rank = cfg.trainer, self.rank
+        self.packing, self.sp_size = tc.packing, tc.sequence_parallel
+        check_heads(AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code), self.sp_size)
+        self.mesh = init_device_mesh(self.device.type, (self.world,))   # FSDP: every rank (dp x sp)
+        self.sp = make_sp_group(self.world, rank, self.sp_size)
+        random.seed(tc.seed + rank)
+        torch.manual_seed(tc.seed + rank)
+        self.dtype = compute_dtype(cfg.model.dtype)
+        kw = dict(packing=self.packing, sp=self.sp)
+        self.model = load_model(model_path, cfg.model, self.device, self.mesh, trainable=True, **kw)
+        frozen = lambda p: load_model(p, cfg.model, self.device, self.mesh, trainable=False, **kw)  # noqa: E731
+        self.ref = frozen(self.base_path) if cfg.algo.kl_coef > 0 else None
+        self.teacher = frozen(cfg.algo.distill_teacher) if cfg.algo.distill_teacher else None
+        self.optim = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=tc.lr,
+                                       betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.optim, lr_lambda(cfg))
+        self.terms = LossTerms.from_algo(cfg.algo)
+        # MoE policies: routing replay (algo.routing_replay) and moe/* metrics (rl.moe.trainer_routing); None: dense
+        self.routing = TrainerRouting.build(self.model, cfg.algo.routing_replay, cfg.algo.moe_aux_coef)
+        self.n_params = sum(p.numel() for p in self.model.parameters())   # DTensor numel: the global count
 
     @classmethod
     def from_env(cls, cfg: GRPOConfig, model_path: str, **kw) -> TrainerWorker:
@@ -101,47 +136,98 @@ class TrainerWorker:
         return int(t.item())
 
     def _sum(self, *values: float) -> list[float]:
+        """Sums over the data-parallel groups: the ranks of a sequence-parallel group hold the same rows, so the
+        all-rank sum counts each group sp_size times."""
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return t.tolist()
+        return (t / self.sp_size).tolist()
 
-    def _score(self, model, batch: Batch, idx: list[int] | None, with_entropy: bool = False):
-        """(logp, entropy or None, length) of a micro-batch's response tokens; idx None: a dummy forward."""
+    def _route(self, model, phase: str | None, batch: Batch, idx: list[int] | None, mask, **kw):
+        """The routing context of a policy forward (MoE, rl.moe.trainer_routing); yields the RoutingSession, or
+        None for dense policies, other models (reference, teacher) and dummy forwards."""
+        if self.routing is None or model is not self.model or phase is None or idx is None:
+            return contextlib.nullcontext()
+        return self.routing.forward(phase, batch, idx, mask, collect=phase == "update", **kw)
+
+    def _score(self, model, batch: Batch, idx: list[int] | None, with_entropy: bool = False,
+               phase: str | None = None):
+        """(logp, entropy or None, length, routing session or None) of a micro-batch's response tokens,
+        [len(idx), length] each; idx None: a dummy forward. phase ("old" | "update"): a policy forward whose
+        MoE routing follows algo.routing_replay."""
         temp = self.cfg.rollout.temperature
+        if self.packing:
+            return self._score_packed(model, batch, idx, temp, with_entropy, phase)
         if idx is None:
             ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
             score = torch.tensor([[0, 1]], device=self.device)
             lp, ent = model(ids, torch.ones_like(ids), score, temp, with_entropy)
-            return lp, ent, 2
+            return lp, ent, 2, None
         length = int(batch["attention_mask"][idx].sum(-1).max())
         ids = batch["input_ids"][idx, :length].to(self.device)
         am = batch["attention_mask"][idx, :length].to(self.device)
         score = batch["response_mask"][idx, :length].to(self.device)
-        lp, ent = model(ids, am, score, temp, with_entropy)
-        return lp, ent, length
+        with self._route(model, phase, batch, idx, am) as rec:
+            lp, ent = model(ids, am, score, temp, with_entropy)
+        return lp, ent, length, rec
+
+    def _score_packed(self, model, batch: Batch, idx: list[int] | None, temp: float, with_entropy: bool,
+                      phase: str | None = None):
+        """_score with the micro-batch packed into one row (padded to a multiple of sequence_parallel); the
+        row's log-probs are laid back out as [len(idx), length]."""
+        k, dev = self.sp_size, self.device
+        if idx is None:
+            layout = PackedLayout.of([2 * k])
+            ids, score = torch.zeros(1, 2 * k, dtype=torch.long), torch.zeros(1, 2 * k)
+            score[0, 1] = 1
+        else:
+            layout = PackedLayout.of(batch["attention_mask"][idx].sum(-1).tolist(), multiple=k)
+            L = layout.max_len
+            ids = layout.pack(batch["input_ids"][idx, :L])   # tail pad: token 0, a sequence of its own, unscored
+            score = layout.pack(batch["response_mask"][idx, :L])
+        n = layout.width // k                     # this rank's slice of the row (what its routers see)
+        lo = self.sp.rank * n if k > 1 else 0
+        route = self._route(model, phase, batch, idx, packed_mask(layout, lo, n, dev), layout=layout, lo=lo)
+        with route as rec:
+            lp, ent = model(ids.to(dev), None, score.to(dev), temp, with_entropy,
+                            position_ids=layout.position_ids(dev), cu_seqlens=layout.cu_seqlens(dev))
+        if idx is None:
+            return lp, ent, 2 * k, None
+        return layout.unpack(lp), (layout.unpack(ent) if ent is not None else None), layout.max_len, rec
 
     # ------------------------------------------------------------------------------------------------ API
     @torch.no_grad()
+    @collective("compute_logprobs")
     def compute_logprobs(self, batch: Batch, old: bool = True) -> dict[str, Any]:
         """Old (current policy; unless `old` is False), reference and teacher log-probs [B, L] of this rank's
-        shard."""
+        shard; with algo.routing_replay=r2 also the policy's own expert ids (RECORD_KEY, [B, L, layers, k]) for
+        the update to replay."""
         lengths = batch["attention_mask"].sum(-1).tolist()
-        groups = micro_batches(lengths, self.cfg.trainer.micro_batch_tokens)
+        groups = plan_micro_batches(lengths, self.cfg.trainer.micro_batch_tokens, self.packing, self.sp_size)
         n = self._max(len(groups))
         models = {"old_logp": self.model if old else None, "ref_logp": self.ref, "teacher_logp": self.teacher}
         models = {k: m for k, m in models.items() if m is not None}
         out: dict[str, Any] = {k: torch.zeros_like(batch["rollout_logp"]) for k in models}
+        record = old and self.routing is not None and self.routing.replay == "r2"
         self.model.eval()
         t0 = time.perf_counter()
         for g in range(n):
+            self.checkin.mark(f"compute_logprobs micro-batch {g}")
             idx = groups[g] if g < len(groups) else None
             for key, model in models.items():
-                lp, _, length = self._score(model, batch, idx)
+                lp, _, length, rec = self._score(model, batch, idx, phase="old" if key == "old_logp" else None)
                 if idx is not None:
                     out[key][idx, :length] = lp.float().cpu()
+                if record and rec is not None:
+                    ids = record_of(rec, PackedLayout.of(batch["attention_mask"][idx].sum(-1).tolist())
+                                    if self.packing else None)
+                    if RECORD_KEY not in out:
+                        shape = (*batch["input_ids"].shape, *ids.shape[2:])
+                        out[RECORD_KEY] = torch.full(shape, -1, dtype=torch.int16)
+                    out[RECORD_KEY][idx, :ids.shape[1]] = ids
         out["seconds"] = time.perf_counter() - t0
         return out
 
+    @collective("update")
     def update(self, batch: Batch) -> dict[str, float]:
         """PPO epochs x mini-batches over this rank's shard; one LR-schedule step. Returns metrics (the same
         on every rank): loss terms are the real mini-batch losses, averaged over the optimizer steps."""
@@ -162,8 +248,8 @@ class TrainerWorker:
                 steps += 1
         self.sched.step()
         gathered: list[dict] = [{} for _ in range(self.world)]
-        dist.all_gather_object(gathered, sums)
-        out = {k: sum(g.get(k, 0.0) for g in gathered) / steps for k in set().union(*gathered)}
+        dist.all_gather_object(gathered, sums)   # the ranks of a sequence-parallel group report the same sums
+        out = {k: sum(g.get(k, 0.0) for g in gathered) / (steps * self.sp_size) for k in set().union(*gathered)}
         real_g, padded_g = self._sum(real, padded)
         out["actor/grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
         out["actor/lr"] = self.sched.get_last_lr()[0]
@@ -172,22 +258,24 @@ class TrainerWorker:
         # model FLOPs of the update (forward + backward = 6 x params per token, padding excluded, every epoch
         # and rank)
         out["perf/train_flops"] = 6.0 * self.n_params * real_g
-        return out
+        return finish_weighted(out)   # moe/*: token-weighted means over micro-batches and ranks
 
     def _mini_batch(self, batch: Batch, rows: list[int], sums: dict[str, float]) -> tuple[int, int]:
         """Forward/backward of one mini-batch's rows in length-sorted micro-batches; adds metrics to `sums`."""
         cfg = self.cfg
         mask = batch["response_mask"][rows]
-        n_tok, n_seq = self._sum(float(mask.sum()), float((mask.sum(-1) > 0).sum()))
+        n_tok, n_seq, n_real = self._sum(float(mask.sum()), float((mask.sum(-1) > 0).sum()),
+                                         float(batch["attention_mask"][rows].sum()))
         norm = Normalisers(n_tok, n_seq, cfg.rollout.max_new_tokens)
         lengths = batch["attention_mask"][rows].sum(-1).tolist()
-        local = micro_batches(lengths, cfg.trainer.micro_batch_tokens)
-        real, padded = padded_tokens(lengths, local)
+        local = plan_micro_batches(lengths, cfg.trainer.micro_batch_tokens, self.packing, self.sp_size)
+        real, padded = computed_tokens(lengths, local, self.packing, self.sp_size)
         groups = [[rows[i] for i in g] for g in local]
         need_entropy = True  # logged always; it costs no memory in the chunked scorer, a graph only if entropy_coef
         for g in range(self._max(len(groups))):
+            self.checkin.mark(f"update micro-batch {g}")
             idx = groups[g] if g < len(groups) else None
-            lp, ent, L = self._score(self.model, batch, idx, with_entropy=need_entropy)
+            lp, ent, L, rec = self._score(self.model, batch, idx, with_entropy=need_entropy, phase="update")
             if idx is None:
                 (lp.sum() * 0.0).backward()  # keeps FSDP's collectives in step with other ranks
                 continue
@@ -204,10 +292,16 @@ class TrainerWorker:
             loss, metrics = assemble_loss(
                 lp, part["response_mask"], part["adv"], part["old_logp"], part["rollout_logp"], self.terms, norm,
                 entropy=ent, ref_logp=part.get("ref_logp"), teacher_logp=part.get("teacher_logp"),
-                distill_baseline=float(batch["distill_baseline"]) if "distill_baseline" in batch else 0.0)
-            # FSDP averages gradients over ranks; the normalisers are already global, so undo the mean
+                distill_baseline=float(batch["distill_baseline"]) if "distill_baseline" in batch else 0.0,
+                moe_aux_loss=rec.aux_loss if rec is not None and self.terms.moe_aux_coef > 0 else None,
+                moe_aux_share=self.routing.aux_share(rec, n_real) if rec is not None else 1.0)
+            # FSDP averages gradients over ranks; the normalisers are already global, so undo the mean. With
+            # sequence parallelism every rank of a group holds this same loss, but its backward reaches only the
+            # rank's own tokens (rl.grpo.sequence_parallel.gather_seq): the group's ranks add up to one gradient
             (loss * self.world).backward()
             metrics.update(extra)
+            if self.routing is not None:
+                metrics.update(self.routing.metrics.take())   # moe/*: value x weight, and the weights
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
         return real, padded
@@ -231,6 +325,7 @@ class TrainerWorker:
         return iter_full_tensors(self.model, self.dtype, lora_scaling=(mc.lora_alpha / mc.lora_r) if mc.lora_r else None,
                                  tied_head=bool(getattr(self.model.hf.config, "tie_word_embeddings", False)))
 
+    @collective("push_weights")
     def push_weights(self, version: int, bucket_mb: float, checksum: bool) -> dict[str, Any] | None:
         """Collective. Stream the policy, cast to the engine's dtype, bucket by bucket through the transport
         (rank 0 writes; every rank takes part in the gathers). Rank 0 returns the float64 sum of every tensor
@@ -241,6 +336,7 @@ class TrainerWorker:
         sums: dict[str, float] = {}
         k = nbytes = 0
         for bucket in buckets(self._hf_tensors(), max(1, int(bucket_mb * 2**20))):
+            self.checkin.mark(f"push_weights bucket {k}")
             if self.rank == 0:
                 if checksum:
                     sums.update(tensor_sums(bucket))
@@ -254,16 +350,22 @@ class TrainerWorker:
                     "seconds": time.perf_counter() - t0}
         return None
 
+    @collective("export_hf")
     def export_hf(self, out_dir: str, bucket_mb: float = 512, with_tokenizer: bool = True) -> str | None:
-        """Collective. Rank 0 writes the policy as an HF model directory (compute dtype), atomically."""
+        """Collective. Rank 0 writes the policy as an HF model directory (compute dtype), atomically. MoE expert
+        weights are written per expert (the checkpoint format of `save_pretrained`, which vLLM's DeepSeek-V3
+        loader needs: rl.moe.expert_layout), not as transformers 5's fused tensors."""
         from rl.grpo.hf_io import HFExportWriter
         from rl.grpo.sync import buckets
+        from rl.moe.expert_layout import split_experts
 
         writer = HFExportWriter(out_dir) if self.rank == 0 else None
+        hidden = self.model.hf.config.get_text_config().hidden_size
         try:
-            for bucket in buckets(self._hf_tensors(), max(1, int(bucket_mb * 2**20))):
+            for k, bucket in enumerate(buckets(self._hf_tensors(), max(1, int(bucket_mb * 2**20)))):
+                self.checkin.mark(f"export_hf bucket {k}")
                 if writer is not None:
-                    writer.add(bucket)
+                    writer.add({n: t for name, full in bucket.items() for n, t in split_experts(name, full, hidden)})
             path = writer.finish(self.model.hf.config, self.base_path if with_tokenizer else None) if writer else None
         except BaseException:
             if writer is not None:
@@ -272,6 +374,7 @@ class TrainerWorker:
         dist.barrier()
         return str(path) if path else None
 
+    @collective("master_sums")
     def master_sums(self) -> dict[str, float]:
         """Collective: float64 sums of the fp32 master weights (HF names, LoRA unmerged), for tests."""
         out = {}
@@ -281,6 +384,7 @@ class TrainerWorker:
             out[name + ":dtype"] = str(full.dtype)
         return out
 
+    @collective("state_sums")
     def state_sums(self) -> dict[str, float]:
         """Collective: float64 sums of every master weight and AdamW moment, and the schedule step (what a
         restored checkpoint must reproduce exactly, whatever the world size)."""
@@ -296,12 +400,14 @@ class TrainerWorker:
         return out
 
     # ------------------------------------------------------------------------------------------------ checkpoints
+    @collective("save_checkpoint")
     def save_checkpoint(self, out_dir: str) -> None:
         """Collective. Sharded: each rank writes its own shards of the model and optimizer (DCP)."""
         from rl.grpo.checkpoint import save_trainer_state
 
         save_trainer_state(self.model, self.optim, self.sched, self.rank, out_dir)
 
+    @collective("load_checkpoint")
     def load_checkpoint(self, ckpt_dir: str) -> int:
         """Collective. Restores model, optimizer (resharded to this world size), schedule and RNG."""
         from rl.grpo.checkpoint import load_trainer_state
