@@ -16,8 +16,8 @@ from the rewards, and it gets more problems right as it does.
 What makes it work in miniature (docs/demo.md, "R1-Zero"): the base model must be able to write the word piece
 `think` (glossary pages make it a live token) and must close a tag by *copying* the opened name (tags named from
 hundreds of vocabulary pieces, 1,500 pretraining steps); then it closes `<think>` in ~6% of samples unprompted
-and GRPO amplifies the protocol along with accuracy (make demo from a clean clone: format 0.02 -> 0.96, pass@1
-0.31 -> 0.95).
+and GRPO amplifies the protocol along with accuracy (make demo from a clean clone, 2026-12-03: format 0.00 ->
+0.95, pass@1 0.20 -> 0.97 after 55 GRPO steps; the format emerges between steps 30 and 55).
 
 How it differs from the paper: the base model is pretrained here in seconds on synthetic text rather than on
 the web; the prompt ends with "<think>\\n" when `data.force_think` is set (as several open reproductions do);
