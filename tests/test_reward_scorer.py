@@ -326,16 +326,21 @@ def test_flaky_reward_scores_every_item_after_retries(tmp_path, monkeypatch, nam
         assert res.metrics[f"reward/{key}/calls"] == 1.0
 
 
+def _score_and_close(scorer, comps, samples):
+    """(the scorer's result, wall seconds of the score call); the scorer is closed afterwards."""
+    try:
+        t0 = time.perf_counter()
+        res = scorer.score(comps, samples)
+        return res, time.perf_counter() - t0
+    finally:
+        scorer.close()
+
+
 def test_always_transient_item_fails_after_exactly_retries_plus_one_attempts(tmp_path):
     comps, samples = _flaky_rows(tmp_path, 3, p=1.0)
     s = RewardScorer(["accuracy", "test_reward_scorer:flaky"], retries=2, retry_backoff_s=0.2, timeout_s=10,
                      num_workers=1)
-    try:
-        t0 = time.perf_counter()
-        res = s.score(comps, samples)
-        wall = time.perf_counter() - t0
-    finally:
-        s.close()
+    res, wall = _score_and_close(s, comps, samples)
     assert _attempts(tmp_path, 3) == [3, 3, 3]
     assert res.failed == [True] * 3 and all(math.isnan(r) for r in res.rewards)     # failed, never 0
     assert all(math.isnan(v) for v in res.components["test_reward_scorer:flaky"])
@@ -372,12 +377,7 @@ def test_deterministic_failures_are_not_retried_and_backoff_stays_within_the_bat
         f.unlink()
     s = RewardScorer(["test_reward_scorer:flaky"], retries=3, retry_backoff_s=30.0, batch_timeout_s=10.0,
                      num_workers=1)
-    try:
-        t0 = time.perf_counter()
-        res = s.score(comps, samples)
-        wall = time.perf_counter() - t0
-    finally:
-        s.close()
+    res, wall = _score_and_close(s, comps, samples)
     assert wall < 10.0 and _attempts(tmp_path, 2) == [1, 1]  # a 30 s backoff cannot fit in a 10 s deadline
     assert res.failed == [True, True] and "no time left for another within batch_timeout_s" in res.error_example
 
