@@ -266,3 +266,16 @@ def test_grpo_with_packing_and_two_sequence_parallel_ranks_learns(weak_sft, tmp_
     assert all(r["rollout/logprob_diff"] < 1e-3 and r["perf/padding_frac"] < 0.01 for r in rows)
     reward = [r["rollout/reward_mean"] for r in rows]
     assert sum(reward[-4:]) / 4 > sum(reward[:4]) / 4 + 0.1, reward
+
+
+def test_the_packed_row_context_survives_fsdp_input_casting():
+    """FSDP2's mixed-precision policy casts a forward's inputs with torch's `_apply_to_tensors`, which rebuilds
+    dataclasses: the packed-row context must reach the attention as the same object (its call count and plan are
+    read after the forward; as a dataclass, bf16 training failed with "does not route attention")."""
+    from torch.distributed.utils import _apply_to_tensors
+
+    from rl.grpo.sequence_parallel import PackedAttention
+
+    ctx = PackedAttention(cu_seqlens=torch.tensor([0, 3, 5], dtype=torch.int32), max_len=3)
+    out = _apply_to_tensors(lambda t: t.to(torch.bfloat16) if t.is_floating_point() else t, {"r1lab_packed": ctx})
+    assert out["r1lab_packed"] is ctx

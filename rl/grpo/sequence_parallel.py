@@ -35,7 +35,7 @@ world (dp x sp ranks), so both the static state and the activations shrink with 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -150,14 +150,19 @@ def gather_seq(x: torch.Tensor, sp: SPGroup) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ attention
-@dataclass
 class PackedAttention:
-    """What the attention function needs about the packed row (passed as the forward's `r1lab_packed` kwarg)."""
-    cu_seqlens: torch.Tensor          # int32 [segments + 1] over the FULL row (all sp ranks' tokens)
-    max_len: int                      # longest segment
-    sp: SPGroup = field(default_factory=SPGroup)
-    calls: int = 0                    # attention calls seen (0 after a forward: the model bypasses the interface)
-    plan: Any = None                  # the SDPA path's bucket_plan, made at the first layer
+    """What the attention function needs about the packed row (passed as the forward's `r1lab_packed` kwarg).
+
+    A plain class on purpose, not a dataclass: FSDP2's mixed-precision input cast rebuilds dataclasses found in a
+    forward's kwargs (torch's `_apply_to_tensors`), so the attention calls would count, and cache their plan, on a
+    copy (bf16 training then failed the "does not route attention" check)."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, max_len: int, sp: SPGroup | None = None) -> None:
+        self.cu_seqlens = cu_seqlens      # int32 [segments + 1] over the FULL row (all sp ranks' tokens)
+        self.max_len = max_len            # longest segment
+        self.sp = sp or SPGroup()
+        self.calls = 0                    # attention calls seen (0 after a forward: the model bypasses the interface)
+        self.plan: Any = None             # the SDPA path's bucket_plan, made at the first layer
 
 
 def _flash_varlen():
