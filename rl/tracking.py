@@ -106,26 +106,33 @@ class TensorBoard:
         self.w.close()
 
 
-class WandB:
-    def __init__(self, out: Path, run_name: str, config: dict, project: str, **_: Any) -> None:
-        import wandb
-
-        self.wandb = wandb
-        mode = os.environ.get("WANDB_MODE") or "offline"
-        self.run = wandb.init(project=project, name=run_name, dir=str(out), mode=mode, config=config,
-                              reinit="create_new", settings=wandb.Settings(silent=True, console="off"))
+class _RunTracker:
+    """Trackers with a run object: `run.log(dict, step=)`, `lib.Image(path)`, `run.finish()` (W&B, trackio and
+    SwanLab share this API); subclasses set `self.lib` and `self.run` and say how the summary is kept."""
+    lib: Any
+    run: Any
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log(metrics, step=step)
 
     def images(self, step: int, pngs: dict[str, Path]) -> None:
-        self.run.log({name: self.wandb.Image(str(p)) for name, p in pngs.items()}, step=step)
-
-    def summary(self, step: int, summary: dict) -> None:
-        self.run.summary.update(summary)
+        self.run.log({name: self.lib.Image(str(p)) for name, p in pngs.items()}, step=step)
 
     def close(self) -> None:
         self.run.finish()
+
+
+class WandB(_RunTracker):
+    def __init__(self, out: Path, run_name: str, config: dict, project: str, **_: Any) -> None:
+        import wandb
+
+        self.lib = wandb
+        mode = os.environ.get("WANDB_MODE") or "offline"
+        self.run = wandb.init(project=project, name=run_name, dir=str(out), mode=mode, config=config,
+                              reinit="create_new", settings=wandb.Settings(silent=True, console="off"))
+
+    def summary(self, step: int, summary: dict) -> None:
+        self.run.summary.update(summary)
 
 
 class MLflow:
@@ -172,48 +179,30 @@ class MLflow:
         self.client.set_terminated(self.run_id)
 
 
-class Trackio:
+class Trackio(_RunTracker):
     def __init__(self, out: Path, run_name: str, config: dict, project: str, **_: Any) -> None:
         import trackio
 
-        self.trackio = trackio
+        self.lib = trackio
         self.run = trackio.init(project=project, name=run_name, config=config, embed=False,
                                 auto_log_cpu=False, auto_log_gpu=False)
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.run.log(metrics, step=step)
-
-    def images(self, step: int, pngs: dict[str, Path]) -> None:
-        self.run.log({name: self.trackio.Image(str(p)) for name, p in pngs.items()}, step=step)
-
     def summary(self, step: int, summary: dict) -> None:
-        self.run.log({"summary": self.trackio.Markdown(summary_markdown(summary))}, step=step)
-
-    def close(self) -> None:
-        self.run.finish()
+        self.run.log({"summary": self.lib.Markdown(summary_markdown(summary))}, step=step)
 
 
-class SwanLab:
+class SwanLab(_RunTracker):
     def __init__(self, out: Path, run_name: str, config: dict, project: str, **_: Any) -> None:
         import swanlab
 
-        self.swanlab = swanlab
+        self.lib = swanlab
         mode = os.environ.get("SWANLAB_MODE") or "offline"
         settings = swanlab.Settings(terminal={"proxy_type": "none"}, probe={"hardware": False})
         self.run = swanlab.init(project=project, name=run_name, config=config, mode=mode,
                                 log_dir=str(out / "swanlog"), reinit=True, settings=settings)
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.run.log(metrics, step=step)
-
-    def images(self, step: int, pngs: dict[str, Path]) -> None:
-        self.run.log({name: self.swanlab.Image(str(p)) for name, p in pngs.items()}, step=step)
-
     def summary(self, step: int, summary: dict) -> None:
-        self.run.log({"summary": self.swanlab.Text(summary_markdown(summary))}, step=step)
-
-    def close(self) -> None:
-        self.run.finish()
+        self.run.log({"summary": self.lib.Text(summary_markdown(summary))}, step=step)
 
 
 BACKENDS = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow, "trackio": Trackio,
