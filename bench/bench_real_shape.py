@@ -59,7 +59,9 @@ def main() -> None:
           f"samples x {a.new_tokens} new tokens, bf16 compute")
     for i, r in enumerate(rows, 1):
         print(f"step {i}: " + ", ".join(f"{k.split('/')[1]} {r[k]:.1f}s" for k in keys) +
-              f"; sync {r['sync/mb']:.0f} MB in {int(r['sync/buckets'])} buckets, checksum_ok={r.get('sync/checksum_ok')}"
+              f"; sync {r['sync/mb']:.0f} MB in {int(r['sync/buckets'])} buckets (gather {r['perf/sync_gather_s']:.1f}s,"
+              f" send {r['perf/sync_send_s']:.1f}s, finish {r['perf/sync_finish_s']:.1f}s, engine load "
+              f"{r['perf/sync_load_s']:.1f}s), checksum_ok={r.get('sync/checksum_ok')}"
               f", logprob_diff {r['rollout/logprob_diff']:.4f}")
     print(f"{'process':<18} {'peak RSS MB':>12} {'RSS now MB':>11}")
     for name, m in mem.items():

@@ -49,6 +49,12 @@ class RolloutConfig:
                                              "samples to the trainer; needed by algo.routing_replay=r3; with "
                                              "routing_replay=off it only adds moe/routing_agreement (trainer vs "
                                              "engine). On CPU it turns prefix caching off and forces eager mode")
+    quantization: str = opt("none", "weights of the rollout engines: none = the trainer's compute dtype; int8 = W8A8 "
+                                    "int8 (per-channel weights, per-token dynamic activations; CPU and GPU); fp8 = "
+                                    "vLLM's online fp8 (GPU only). The trainer keeps full precision; every weight "
+                                    "sync is re-quantized in the engine (rl.rollout.quantization). Pair it with "
+                                    "algo.rollout_correction (README: Quantized rollout)",
+                            choices=["none", "int8", "fp8"])
 
     def validate(self) -> None:
         require(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
@@ -117,7 +123,9 @@ class AlgoConfig:
     icepop_low: float = opt(0.5, "icepop: tokens whose ratio is below this are masked (IcePop's alpha)")
     icepop_high: float = opt(5.0, "icepop: tokens whose ratio is above this are masked (IcePop's beta)")
     overlong_filter: bool = opt(False, "DAPO: truncated responses do not contribute to the loss")
-    logprob_check_tol: float = opt(0.1, "step 0: stop if mean |trainer - rollout| log-prob exceeds this")
+    logprob_check_tol: float = opt(0.0, "step 1: stop if mean |trainer - rollout| log-prob exceeds this; 0 = by "
+                                        "the rollout's precision: 0.1 for full-precision engines, 0.25 for "
+                                        "rollout.quantization=int8/fp8 (rl.grpo.config.LOGPROB_TOL)")
     distill_teacher: str = opt("", "on-policy distillation: teacher model path (same tokenizer as the policy); "
                                    "each sampled token's advantage gets -distill_coef * (log pi - log teacher)")
     distill_coef: float = opt(1.0, "weight of the per-token reverse-KL advantage (with distill_teacher)")
@@ -163,6 +171,7 @@ class AlgoConfig:
         require(self.tis_cap >= 1 or self.rollout_correction not in ("seq_tis", "token_mis"), "algo.tis_cap",
                 f"rollout_correction={self.rollout_correction} needs tis_cap >= 1")
         require(self.distill_coef > 0, "algo.distill_coef", "must be > 0")
+        require(self.logprob_check_tol >= 0, "algo.logprob_check_tol", "must be >= 0 (0 = by rollout precision)")
         require(0 < self.seq_mask_low <= 1 <= self.seq_mask_high, "algo.seq_mask_low",
                 "need 0 < seq_mask_low <= 1 <= seq_mask_high")
         require(0 < self.icepop_low <= 1 <= self.icepop_high, "algo.icepop_low",
@@ -316,6 +325,11 @@ class ResourcesConfig:
                                "(an infeasible one fails at once)")
 
 
+# Step-1 check of mean |trainer - engine| log-prob per rollout precision (algo.logprob_check_tol = 0). Measured:
+# full precision 0.001-0.02 (fp32/bf16 kernels); int8 W8A8 adds its rounding: see bench/quantized_rollout.py.
+LOGPROB_TOL = {"none": 0.1, "int8": 0.25, "fp8": 0.25}
+
+
 @dataclass
 class GRPOConfig:
     model: PolicyModelConfig = field(default_factory=PolicyModelConfig)
@@ -328,6 +342,10 @@ class GRPOConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def logprob_tol(self) -> float:
+        """The step-1 check's tolerance: algo.logprob_check_tol, or the rollout precision's (LOGPROB_TOL)."""
+        return self.algo.logprob_check_tol or LOGPROB_TOL[self.rollout.quantization]
 
     def validate(self) -> None:
         require(0 < self.resources.rollout_gpu_share < 1, "resources.rollout_gpu_share", "must be in (0, 1)")
@@ -344,6 +362,9 @@ class GRPOConfig:
         require(self.trainer.collective_timeout_s > self.sync.timeout_s, "trainer.collective_timeout_s",
                 f"must exceed sync.timeout_s={self.sync.timeout_s:g}: during a weight sync trainer rank 0 waits that "
                 "long for the engines while the other ranks wait in a collective")
+        require(self.rollout.quantization != "fp8" or self.resources.rollout_gpus > 0, "rollout.quantization",
+                "fp8 is vLLM's online fp8, which needs GPU rollout workers (resources.rollout_gpus > 0; vLLM's CPU "
+                "build has no fp8 quantize op); on CPU use rollout.quantization=int8")
         if self.algo.routing_replay == "r3":
             require(self.rollout.return_routed_experts, "algo.routing_replay",
                     "r3 replays the experts the rollout engine chose: set rollout.return_routed_experts=true "

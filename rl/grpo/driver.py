@@ -376,11 +376,12 @@ class GRPODriver:
         if self.checked_logprobs:
             return
         self.checked_logprobs = True
-        tol = self.cfg.algo.logprob_check_tol
+        tol = self.cfg.logprob_tol()
         if m["rollout/logprob_diff"] > tol:
             raise WeightSyncError(
                 f"step {self.step + 1}: trainer and rollout log-probs differ by {m['rollout/logprob_diff']:.4f} on "
-                f"average (> algo.logprob_check_tol={tol}). The engine does not run the trainer's model (broken "
+                f"average (> algo.logprob_check_tol={tol}, rollout.quantization={self.cfg.rollout.quantization}). "
+                "The engine does not run the trainer's model (broken "
                 "weight sync, dtype, sampling temperature or chat template); refusing to train on it.")
 
     def _rollout_metrics(self, groups: list[Group], batch) -> dict[str, float]:
@@ -422,7 +423,8 @@ class GRPODriver:
         got = self._get(load, self.cfg.sync.timeout_s, "weight sync (engines)")
         self.version = version
         out = {"perf/sync_load_s": max(g["seconds"] for g in got), "sync/buckets": float(sent["buckets"]),
-               "sync/mb": sent["bytes"] / 2**20}
+               "sync/mb": sent["bytes"] / 2**20, "perf/sync_gather_s": sent["gather_s"],
+               "perf/sync_send_s": sent["send_s"], "perf/sync_finish_s": sent["finish_s"]}
         if check:
             for j, g in enumerate(got):
                 missing = sorted(set(sent["sums"]) - set(g["sums"]))

@@ -55,7 +55,8 @@ class RolloutWorker:
             kw["enable_sleep_mode"] = True
         self.llm = make_llm(model_path, dtype=cfg.model.dtype, max_model_len=r.max_model_len, seed=seed,
                             enforce_eager=True if r.enforce_eager else None, in_process=True,
-                            kv_cache_gb=r.kv_cache_gb, return_routed_experts=r.return_routed_experts, **kw)
+                            kv_cache_gb=r.kv_cache_gb, return_routed_experts=r.return_routed_experts,
+                            quantization=r.quantization, **kw)
         self.cfg = cfg
         self.scorer = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="r1lab-score")

@@ -318,12 +318,20 @@ class TrainerWorker:
         return float(gn)
 
     # ------------------------------------------------------------------------------------------------ weights
-    def _hf_tensors(self):
+    def _hf_tensors(self, dtype: torch.dtype | None = None):
         from rl.grpo.sync import iter_full_tensors
 
         mc = self.cfg.model
-        return iter_full_tensors(self.model, self.dtype, lora_scaling=(mc.lora_alpha / mc.lora_r) if mc.lora_r else None,
+        return iter_full_tensors(self.model, dtype or self.dtype, lora_scaling=(mc.lora_alpha / mc.lora_r) if mc.lora_r else None,
                                  tied_head=bool(getattr(self.model.hf.config, "tie_word_embeddings", False)))
+
+    def _engine_dtype(self) -> torch.dtype:
+        """What the rollout engines compute in (rl.rollout.quantization.engine_dtype): the sync sends that."""
+        from rl.rollout.quantization import engine_dtype
+
+        name = engine_dtype(str(self.dtype).removeprefix("torch."), self.cfg.rollout.quantization,
+                            gpu=self.cfg.resources.rollout_gpus > 0)
+        return getattr(torch, name)
 
     @collective("push_weights")
     def push_weights(self, version: int, bucket_mb: float, checksum: bool) -> dict[str, Any] | None:
@@ -335,19 +343,29 @@ class TrainerWorker:
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         k = nbytes = 0
-        for bucket in buckets(self._hf_tensors(), max(1, int(bucket_mb * 2**20))):
+        gather_s = send_s = 0.0       # all-gather + cast (the bucket generator) vs writing into the transport
+        stream = buckets(self._hf_tensors(self._engine_dtype()), max(1, int(bucket_mb * 2**20)))
+        while True:
+            t = time.perf_counter()
+            bucket = next(stream, None)
+            gather_s += time.perf_counter() - t
+            if bucket is None:
+                break
             self.checkin.mark(f"push_weights bucket {k}")
             if self.rank == 0:
                 if checksum:
                     sums.update(tensor_sums(bucket))
+                t = time.perf_counter()
                 self.transport.send(version, k, bucket)
+                send_s += time.perf_counter() - t
                 nbytes += sum(t.numel() * t.element_size() for t in bucket.values())
             k += 1
             del bucket
         if self.rank == 0:
+            t = time.perf_counter()
             self.transport.finish(version, k)
-            return {"sums": sums if checksum else None, "buckets": k, "bytes": nbytes,
-                    "seconds": time.perf_counter() - t0}
+            return {"sums": sums if checksum else None, "buckets": k, "bytes": nbytes, "gather_s": gather_s,
+                    "send_s": send_s, "finish_s": time.perf_counter() - t, "seconds": time.perf_counter() - t0}
         return None
 
     @collective("export_hf")

@@ -34,7 +34,8 @@ def on_cpu() -> bool:
 def make_llm(model: str, *, dtype: str = "auto", seed: int = 0, max_model_len: int = 2048,
              gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1,
              enforce_eager: bool | None = None, logprobs_mode: str = "processed_logprobs", in_process: bool = False,
-             kv_cache_gb: float = 0.0, return_routed_experts: bool = False, **kwargs: Any):
+             kv_cache_gb: float = 0.0, return_routed_experts: bool = False, quantization: str = "none",
+             **kwargs: Any):
     """Create a `vllm.LLM` with defaults that work on CPU and GPU; extra kwargs go to `LLM` unchanged.
 
     dtype: "auto" = fp32 on CPU (bf16 changes tiny models' greedy decodes vs an fp32 trainer), the checkpoint's
@@ -42,8 +43,16 @@ def make_llm(model: str, *, dtype: str = "auto", seed: int = 0, max_model_len: i
     MLA models (DeepSeek) on CPU get the engine arguments of `rl.rollout.vllm_cpu_fixes.mla_engine_args`.
     return_routed_experts: every Sample carries `routed_experts` (format: rl.moe.routing_capture), validated as
     it leaves the engine. On GPU this is vLLM's `enable_return_routed_experts`; on CPU, where vLLM cannot
-    capture (rl.rollout.routing_recorder), r1lab's recorder, which needs prefix caching off and eager mode."""
+    capture (rl.rollout.routing_recorder), r1lab's recorder, which needs prefix caching off and eager mode.
+    quantization: "none" | "int8" | "fp8" (rl.rollout.quantization): the engine runs quantized weights and
+    re-quantizes whatever it is sent on every in-place reload."""
     from vllm import LLM
+
+    from rl.rollout.quantization import engine_dtype, engine_model
+
+    model, qkw = engine_model(model, quantization)
+    kwargs.update(qkw)
+    dtype = engine_dtype(dtype, quantization, gpu=not on_cpu())
 
     if gpu_memory_utilization is None:
         gpu_memory_utilization = 0.3 if on_cpu() else 0.85
@@ -70,6 +79,8 @@ def make_llm(model: str, *, dtype: str = "auto", seed: int = 0, max_model_len: i
     if enforce_eager is not None:
         args["enforce_eager"] = enforce_eager
     llm = LLM(**args)
+    if quantization != "none":
+        llm.collective_rpc("r1lab_set_requantize", args=(quantization,))
     if moe is not None:
         llm._r1lab_routing = ("recorder" if on_cpu() else "vllm", moe)
         if on_cpu():

@@ -38,12 +38,25 @@ class R1WorkerExtension:
             method.process_weights_after_loading(head)
         return True
 
-    def r1lab_param_sums(self) -> dict[str, float]:
-        """Float64 sum of every parameter, for checking that a weight sync arrived."""
-        return {n: float(p.detach().double().sum()) for n, p in self._r1lab_model().named_parameters()
-                if p.numel() > 0}
+    def r1lab_set_requantize(self, mode: str) -> None:
+        """Engines running quantized weights (rollout.quantization): every reload re-quantizes the float tensors
+        the trainer sends (rl.rollout.quantization.quantize_stream) before vLLM re-packs its kernels."""
+        from rl.rollout.quantization import QUANTIZATIONS
 
-    def r1lab_load_from_dir(self, path: str) -> dict[str, float]:
+        if mode not in QUANTIZATIONS:
+            raise ValueError(f"unknown rollout quantization {mode!r}; allowed: {list(QUANTIZATIONS)}")
+        self._r1lab_quant = mode
+
+    def r1lab_param_sums(self) -> dict[str, float]:
+        """Float64 sum of every parameter, for checking that a weight sync arrived. Quantized parameters
+        (int8/fp8 weights, their scales) are left out: their sums are not the trainer's (the quantizer's
+        round trip is checked as each tensor arrives instead, rl.rollout.quantization.check_roundtrip)."""
+        from rl.rollout.quantization import is_quantized_param
+
+        return {n: float(p.detach().double().sum()) for n, p in self._r1lab_model().named_parameters()
+                if p.numel() > 0 and not is_quantized_param(n, p)}
+
+    def r1lab_load_from_dir(self, path: str, checksum: bool = True) -> dict[str, float] | None:
         """In-place reload from HF safetensors in `path` (an exported model directory)."""
         import glob
         import os
@@ -59,7 +72,7 @@ class R1WorkerExtension:
                     for name in sf.keys():
                         yield name, sf.get_tensor(name)
 
-        return self._r1lab_reload(tensors(), checksum=True)
+        return self._r1lab_reload(tensors(), checksum=checksum)
 
     def r1lab_load_stream(self, spec: dict, version: int, reader: int, checksum: bool) -> dict[str, float] | None:
         """In-place reload of weight version `version` as the trainer streams it through the transport
@@ -73,7 +86,8 @@ class R1WorkerExtension:
         every tensor actually fed to the engine, so the trainer can check that what arrived is what it sent (on
         CPU vLLM repacks linear weights into kernel formats and drops the originals, so the engine's own
         parameters cannot all be read back). Fused expert tensors (transformers 5) are summed as they arrived
-        and fed per expert (rl.moe.expert_layout)."""
+        and fed per expert (rl.moe.expert_layout). An int8 engine re-quantizes every tensor after its sum is
+        taken (rl.rollout.quantization.quantize_stream, which also checks the quantizer's round trip)."""
         from rl.moe.expert_layout import split_experts
 
         sums: dict[str, float] = {}
@@ -85,13 +99,22 @@ class R1WorkerExtension:
                     sums[name] = float(t.double().sum())
                 yield from split_experts(name, t, hidden)   # transformers 5's fused experts -> per expert
 
+        stream = counted()
+        if getattr(self, "_r1lab_quant", "none") == "int8":
+            from rl.rollout.quantization import quantize_stream
+
+            stream = quantize_stream(stream, check=checksum)   # the sums above: the tensors as sent
         with repack_moe_on_reload(self._r1lab_model()) if _on_cpu() else contextlib.nullcontext():
-            self.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)  # type: ignore[attr-defined]
+            self.reload_weights(weights_iterator=stream, is_checkpoint_format=True)  # type: ignore[attr-defined]
         self.r1lab_retie_lm_head()
         return sums if checksum else None
 
     def r1lab_reload_path(self, path: str) -> None:
-        """vLLM's in-place `reload_weights(weights_path=...)`, with the CPU MoE repack fix and the head re-tied."""
+        """vLLM's in-place `reload_weights(weights_path=...)`, with the CPU MoE repack fix and the head re-tied.
+        An int8 engine reads the directory's float tensors through the re-quantizing reload instead."""
+        if getattr(self, "_r1lab_quant", "none") == "int8":
+            self.r1lab_load_from_dir(path)
+            return
         with repack_moe_on_reload(self._r1lab_model()) if _on_cpu() else contextlib.nullcontext():
             self.reload_weights(weights_path=path)  # type: ignore[attr-defined]
         self.r1lab_retie_lm_head()

@@ -1,0 +1,213 @@
+"""Quantized rollout (issue 29): what int8 weights buy in the engine, and whether learning keeps up.
+
+Part 1, `engine` (Qwen2.5-0.5B's shape, random init, bf16 on disk): one vLLM CPU engine per precision, each in
+its own process, the same 8 prompts x 8 samples x 64 new tokens (min_tokens = max_tokens, so every run decodes the same
+number of tokens), T=1. Per precision: generation tokens/s (best of 3 timed runs after a warm-up), the in-place
+reload of the whole model from its bf16 files (int8: re-quantized in the engine, what every weight sync does),
+and the mean |log-prob difference| of the sampled tokens against transformers in fp32 (the trainer's reference
+numerics). Also: how long quantizing every linear weight takes and how many bytes an int8 sync would move, the
+measurement behind re-quantizing in the engine rather than on the trainer.
+
+Part 2, `learn`: the demo's GRPO stage (configs/demo.yaml: from the demo's SFT model, same data, seeds, lr,
+batch and steps) with a full-precision rollout (the demo's fp32 engine), with an int8 rollout without
+correction, and with an int8 rollout under each correction in --corrections; every final model evaluated by
+the same harness on the demo's held-out problems (128 x 8 at T=1, a full-precision engine). `parity` = held-out
+accuracy of int8 + the first correction in --corrections minus the full-precision run's.
+
+  .venv/bin/python bench/quantized_rollout.py [--part engine|learn|all] [--corrections token_tis,icepop]
+Last line: `gen_speedup=X parity=Y` (goals X >= 1.3, Y >= -0.03).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHAPE = "tiny:qwen2:shape=qwen2.5-0.5b"
+
+
+def engine_side(mode: str, prompts: int, n: int, new_tokens: int) -> dict:
+    """One precision's engine numbers (runs in its own process: one engine per process)."""
+    import torch
+    from vllm import SamplingParams
+
+    from rl.model_path import resolve_model_path
+    from rl.rollout import vllm_engine as ve
+    from rl.rollout.vllm_engine import make_llm
+
+    src = resolve_model_path(SHAPE)
+    t0 = time.perf_counter()
+    llm = make_llm(src, dtype="bfloat16", in_process=True, enforce_eager=False, kv_cache_gb=1, quantization=mode)
+    start_s = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(100, 5000, (48,), generator=g).tolist() for _ in range(prompts)]
+    sp = SamplingParams(temperature=1.0, max_tokens=new_tokens, min_tokens=new_tokens, logprobs=0, n=n, seed=None)
+    ve.generate(llm, ids, sp)                                   # warm-up (compile, first-call allocations)
+    times, samples = [], None
+    for _ in range(3):
+        t = time.perf_counter()
+        samples = ve.generate(llm, ids, sp)
+        times.append(time.perf_counter() - t)
+    tokens = sum(len(s.token_ids) for g_ in samples for s in g_)
+    reload_s = {}
+    for checked in (False, True):   # a plain sync step, and a checksum step (+ the quantizer's round-trip check)
+        t = time.perf_counter()
+        llm.collective_rpc("r1lab_load_from_dir", args=(src, checked))
+        reload_s[checked] = time.perf_counter() - t
+    after = ve.generate(llm, ids[:2], SamplingParams(temperature=0.0, max_tokens=8, logprobs=0))
+    ve.shutdown(llm)
+    return {"mode": mode, "start_s": start_s, "gen_s": min(times), "tokens": tokens,
+            "tokens_per_s": tokens / min(times), "reload_s": reload_s[False],
+            "reload_checked_s": reload_s[True], "greedy_after_reload": [
+                s.token_ids for g_ in after for s in g_],
+            "logprob_diff": logprob_diff(src, ids, samples)}
+
+
+def logprob_diff(src: str, prompts: list[list[int]], samples) -> float:
+    """Mean |engine - transformers fp32| log-prob over the sampled tokens (T=1: plain log-softmax)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32).eval()
+    diffs = []
+    with torch.no_grad():
+        for p, group in zip(prompts, samples):
+            s = group[0]   # the first sample of each group
+            ids = torch.tensor([p + s.token_ids])
+            logp = model(ids).logits.float().log_softmax(-1)[0, len(p) - 1:-1]
+            ref = logp.gather(-1, torch.tensor(s.token_ids)[:, None])[:, 0]
+            diffs.append((ref - torch.tensor(s.logprobs)).abs())
+    return float(torch.cat(diffs).mean())
+
+
+def quantize_cost() -> dict:
+    """Seconds to quantize every linear weight of the 0.5B shape, and bf16 vs int8(+scales) bytes of a sync."""
+    import torch
+    from safetensors import safe_open
+
+    from rl.model_path import resolve_model_path
+    from rl.rollout.quantization import quantize_stream
+
+    src = Path(resolve_model_path(SHAPE))
+    tensors = []
+    for f in sorted(src.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as sf:
+            tensors += [(n, sf.get_tensor(n).to(torch.bfloat16)) for n in sf.keys()]
+    list(quantize_stream(tensors, check=False))   # warm-up: oneDNN compiles its kernel per shape (4.6 s once)
+    t = time.perf_counter()
+    out = list(quantize_stream(tensors, check=False))
+    fast = time.perf_counter() - t
+    t = time.perf_counter()
+    list(quantize_stream(tensors, check=True))
+    return {"quantize_s": fast, "quantize_checked_s": time.perf_counter() - t,
+            "bf16_mb": sum(x.numel() * x.element_size() for _, x in tensors) / 2**20,
+            "int8_mb": sum(x.numel() * x.element_size() for _, x in out) / 2**20}
+
+
+def run_engine_part(a) -> dict:
+    rows = {}
+    for mode in ("none", "int8"):
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            subprocess.run([sys.executable, __file__, "--side", mode, "--out", f.name, "--prompts", str(a.prompts),
+                            "--new-tokens", str(a.new_tokens), "--n", str(a.n)], check=True, cwd=ROOT)
+            rows[mode] = json.loads(Path(f.name).read_text())
+    rows["quantize"] = quantize_cost()
+    print(f"\nengine at Qwen2.5-0.5B's shape, {a.prompts} prompts x {a.n} samples x {a.new_tokens} tokens, T=1, one vLLM CPU engine")
+    print(f"{'rollout':<8} {'tokens/s':>9} {'gen s':>7} {'reload s':>9} {'(checked)':>10} {'|dlogp| vs fp32':>16} "
+          f"{'start s':>8}")
+    for mode in ("none", "int8"):
+        r = rows[mode]
+        name = "bf16" if mode == "none" else mode
+        print(f"{name:<8} {r['tokens_per_s']:>9.1f} {r['gen_s']:>7.2f} {r['reload_s']:>9.2f} "
+              f"{r['reload_checked_s']:>10.2f} {r['logprob_diff']:>16.4f} {r['start_s']:>8.1f}")
+    q = rows["quantize"]
+    print(f"quantizing every linear weight: {q['quantize_s']:.2f}s ({q['quantize_checked_s']:.2f}s with the "
+          f"round-trip check); a sync moves {q['bf16_mb']:.0f} MB as bf16, "
+          f"{q['int8_mb']:.0f} MB as int8 + scales")
+    return rows
+
+
+def run_learn_part(a) -> dict:
+    """The demo's GRPO stage once per rollout setting; every result evaluated on the demo's held-out set."""
+    from launch.pipeline import PipelineConfig, run_sft_stage
+    from rl.config import load_config
+    from rl.distill.config import DistillConfig
+    from rl.distill.run import _eval_sampling, _heldout
+    from rl.eval.harness import evaluate_models
+    from rl.grpo.config import GRPOConfig
+    from rl.grpo.driver import GRPODriver
+
+    cfg = load_config(PipelineConfig, "configs/demo.yaml", [])
+    data = [f"data.source=synthetic:{cfg.task}", f"data.task_knobs={json.dumps(cfg.task_knobs)}"]
+    sft = Path(cfg.output_dir) / "sft"
+    if not (sft / "final" / "config.json").exists():
+        run_sft_stage(cfg, data, sft)
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [("full", "none", None), ("int8", "int8", "none")] + [
+        (f"int8+{c}", "int8", c) for c in a.corrections.split(",") if c]
+    evals = [f"eval.{k}={v}" for k, v in vars(cfg.eval).items()] + ["eval.top_p=1.0", "eval.benchmark="]
+    dcfg = cfg.distill.load(DistillConfig, data + evals + [f"teacher.path={sft / 'final'}", f"output_dir={out}"])
+    heldout = _heldout(dcfg, out)
+    rows = {}
+    for name, quant, corr in runs:
+        d = out / name.replace("+", "_")
+        t0 = time.perf_counter()
+        if not (d / "final" / "config.json").exists():
+            extra = [f"rollout.quantization={quant}"] + ([f"algo.rollout_correction={corr}"] if corr else [])
+            g = cfg.grpo.load(GRPOConfig, data + [f"model.path={sft / 'final'}", f"log.output_dir={d}",
+                                                  "log.val_every=0", "log.progress=false", "checkpoint.every=0",
+                                                  "resources.ray_address=local"] + extra)
+            GRPODriver(g).run()
+        last = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        lp = [r["rollout/logprob_diff"] for r in last if "rollout/logprob_diff" in r]
+        res = evaluate_models({name: d / "final"}, heldout, _eval_sampling(dcfg), d)[name]
+        rows[name] = {"accuracy": res["metrics"]["pass@1"], "train_s": time.perf_counter() - t0,
+                      "logprob_diff": sum(lp) / max(1, len(lp)),
+                      "reward_last5": sum(r["rollout/reward_mean"] for r in last[-5:]) / 5,
+                      "gen_s": sum(r["perf/gen_s"] for r in last)}
+    print(f"\nthe demo's GRPO stage ({cfg.grpo.overrides}), held-out {heldout}: 128 x 8 at T=1")
+    print(f"{'rollout':<16} {'held-out acc':>12} {'mean |dlogp|':>13} {'reward last 5':>14} {'gen s total':>12}")
+    for name, r in rows.items():
+        print(f"{name:<16} {r['accuracy']:>12.3f} {r['logprob_diff']:>13.4f} {r['reward_last5']:>14.3f} "
+              f"{r['gen_s']:>12.1f}")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", default="all", choices=["engine", "learn", "all"])
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--n", type=int, default=8, help="samples per prompt (a GRPO group)")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--corrections", default="token_tis,icepop",
+                    help="int8 runs with these algo.rollout_correction modes; the first one gives parity=")
+    ap.add_argument("--out-dir", default="runs/bench_quantized")
+    ap.add_argument("--side", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    os.environ.setdefault("R1LAB_CACHE_DIR", str(ROOT / ".cache" / "r1lab"))
+    os.chdir(ROOT)
+    if a.side:
+        Path(a.out).write_text(json.dumps(engine_side(a.side, a.prompts, a.n, a.new_tokens)))
+        return
+    speedup = parity = float("nan")
+    if a.part in ("engine", "all"):
+        e = run_engine_part(a)
+        speedup = e["int8"]["tokens_per_s"] / e["none"]["tokens_per_s"]
+    if a.part in ("learn", "all"):
+        rows = run_learn_part(a)
+        first = next((n for n in rows if n.startswith("int8+")), "int8")
+        parity = rows[first]["accuracy"] - rows["full"]["accuracy"]
+    print(f"gen_speedup={speedup:.2f} parity={parity:+.3f}")
+
+
+if __name__ == "__main__":
+    main()
