@@ -63,10 +63,33 @@ def main() -> None:
               f" send {r['perf/sync_send_s']:.1f}s, finish {r['perf/sync_finish_s']:.1f}s, engine load "
               f"{r['perf/sync_load_s']:.1f}s), checksum_ok={r.get('sync/checksum_ok')}"
               f", logprob_diff {r['rollout/logprob_diff']:.4f}")
+    print_floor(rows[-1])
     print(f"{'process':<18} {'peak RSS MB':>12} {'RSS now MB':>11}")
     for name, m in mem.items():
         print(f"{name:<18} {m['peak_mb']:>12.0f} {m['rss_mb']:>11.0f}")
     print(json.dumps({"steps": rows, "memory": mem}, default=str)[:0])
+
+
+def print_floor(r: dict) -> None:
+    """The step against this machine's compute floor (as bench/grpo_vs_trl.py: 6N FLOPs per trained token, 2N
+    per forward token, at the bf16 GEMM rate measured now with 2 threads). perf/train_flops is the update's 6N x
+    trained tokens (prompt + response, padding excluded); generation and the old-log-prob forward are counted as
+    2N per token of those sequences (generation slightly over: a group's prompt is prefilled once)."""
+    from bench.grpo_vs_trl import matmul_tflops
+
+    rate = matmul_tflops(896, 151936)["bf16"] * 1e12
+    train = r["perf/train_flops"]
+    floor = {"gen_s": train / 3 / rate, "logprobs_s": (train / 3 / rate) if r["perf/logprobs_s"] > 0.05 else 0.0,
+             "update_s": train / rate, "sync_s": 0.0}
+    print(f"bf16 GEMM rate {rate / 1e12:.3f} TFLOP/s (2 threads, 2048^3); per phase, last step:")
+    print(f"{'phase':<10} {'seconds':>8} {'floor s':>8} {'x floor':>8}")
+    for k, f in floor.items():
+        sec = r[f"perf/{k}"]
+        print(f"{k[:-2]:<10} {sec:>8.1f} {f:>8.1f} {sec / f if f else float('nan'):>8.2f}")
+    total = sum(floor.values())
+    sync_gbps = r["sync/mb"] * 2**20 / 1e9 / max(r["perf/sync_s"], 1e-9)
+    print(f"update_gemm_frac={floor['update_s'] / r['perf/update_s']:.2f} sync_gbps={sync_gbps:.2f}")
+    print(f"floor_ratio={r['perf/step_s'] / total:.2f}")
 
 
 if __name__ == "__main__":

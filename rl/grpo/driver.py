@@ -157,6 +157,7 @@ class GRPODriver:
         self.cursor = Cursor(cfg.trainer.seed, len(self.train_rows))
         self.step = 0
         self.version = 0          # weight version the engines hold (= steps trained when they last loaded)
+        self.sync_writers = 1     # trainer ranks writing a sync (sync.shards, decided at start())
         self.ckpt_root = self.out / "checkpoints"
         self.run_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.trainers: list[Any] = []
@@ -196,7 +197,18 @@ class GRPODriver:
         from rl.grpo.sync import FileTransport
 
         sc = self.cfg.sync
-        return FileTransport(sc.dir, self.run_id, self.cfg.rollout.num_workers, timeout_s=sc.timeout_s).spec()
+        return FileTransport(sc.dir, self.run_id, self.cfg.rollout.num_workers, timeout_s=sc.timeout_s,
+                             writers=self.sync_writers).spec()
+
+    def _choose_sync_writers(self, nodes: int) -> int:
+        """sync.shards: local -> every trainer rank writes its own pieces (writers = trainer ranks); gather -> rank
+        0 writes gathered tensors. auto = local when the whole run is on one node (every rank and engine then
+        sees sync.dir), the model has no LoRA adapters (merged from full tensors) and no sequence parallelism."""
+        cfg = self.cfg
+        mode = cfg.sync.shards
+        if mode == "auto":
+            mode = "local" if nodes == 1 and not cfg.model.lora_r and cfg.trainer.sequence_parallel == 1 else "gather"
+        return cfg.trainer.num_workers if mode == "local" and cfg.trainer.num_workers > 1 else 1
 
     def start(self, init_path: str | None = None) -> None:
         """Ray, a placement group checked against the cluster, trainer and rollout actors."""
@@ -211,7 +223,9 @@ class GRPODriver:
         self._start_ray()
         cfg = self.cfg
         plan = plan_placement(cfg)
-        check_fits(plan, cluster_nodes())   # fail now, naming the shortfall, instead of waiting forever
+        nodes = cluster_nodes()
+        check_fits(plan, nodes)   # fail now, naming the shortfall, instead of waiting forever
+        self.sync_writers = self._choose_sync_writers(len(nodes))
         self.pg = placement_group(plan.bundles, strategy=plan.strategy)
         wait_ready([self.pg.ready()], ["placement group " + str(plan.bundles)], cfg.resources.wait_s,
                    "reserving resources")
@@ -419,7 +433,15 @@ class GRPODriver:
         spec = self.sync_spec()
         push = [w.push_weights.remote(version, bucket, check) for w in self.trainers]
         load = [w.load_weights.remote(spec, version, j, check) for j, w in enumerate(self.rollouts)]
-        sent = self._get(push, self.cfg.sync.timeout_s * 2, "weight sync (trainers)")[0]
+        pushed = self._get(push, self.cfg.sync.timeout_s * 2, "weight sync (trainers)")
+        sent = dict(pushed[0])
+        if check and self.sync_writers > 1:   # each rank's pieces: the sums of the parts, in rank order
+            sums: dict[str, float] = {}
+            for r in pushed:
+                for name, v in (r or {}).get("sums", {}).items():
+                    sums[name] = sums.get(name, 0.0) + v
+            sent["sums"] = sums
+            sent["bytes"] = sum((r or {}).get("bytes", 0) for r in pushed)
         got = self._get(load, self.cfg.sync.timeout_s, "weight sync (engines)")
         self.version = version
         out = {"perf/sync_load_s": max(g["seconds"] for g in got), "sync/buckets": float(sent["buckets"]),

@@ -89,11 +89,13 @@ class TrainerWorker:
         with self.checkin.section("start-up (device mesh, model loading)"):
             self._build(model_path, cfg)
         self.transport = None
-        if sync_spec is not None and rank == 0:
+        self.local_shards = bool(sync_spec) and sync_spec.get("writers", 1) > 1   # sync.shards=local
+        if sync_spec is not None and (rank == 0 or self.local_shards):
             from rl.grpo.sync import make_transport
 
             self.transport = make_transport(sync_spec)
-            self.swept = self.transport.open_writer()   # also removes sync directories of dead runs
+            if rank == 0:
+                self.swept = self.transport.open_writer()   # also removes sync directories of dead runs
 
     def _build(self, model_path: str, cfg: GRPOConfig) -> None:
         """Device mesh, policy (+ frozen reference / teacher), optimizer and schedule."""
@@ -114,8 +116,10 @@ class TrainerWorker:
         frozen = lambda p: load_model(p, cfg.model, self.device, self.mesh, trainable=False, **kw)  # noqa: E731
         self.ref = frozen(self.base_path) if cfg.algo.kl_coef > 0 else None
         self.teacher = frozen(cfg.algo.distill_teacher) if cfg.algo.distill_teacher else None
+        # fused AdamW (one kernel per parameter, DTensor-aware): 0.36 s vs 2.2 s per step for 244M fp32 params
+        # on one CPU thread, single-tensor loop vs fused (the default picks the loop on CPU)
         self.optim = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=tc.lr,
-                                       betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+                                       betas=tuple(tc.betas), weight_decay=tc.weight_decay, fused=True)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.optim, lr_lambda(cfg))
         self.terms = LossTerms.from_algo(cfg.algo)
         # MoE policies: routing replay (algo.routing_replay) and moe/* metrics (rl.moe.trainer_routing); None: dense
@@ -335,16 +339,24 @@ class TrainerWorker:
 
     @collective("push_weights")
     def push_weights(self, version: int, bucket_mb: float, checksum: bool) -> dict[str, Any] | None:
-        """Collective. Stream the policy, cast to the engine's dtype, bucket by bucket through the transport
-        (rank 0 writes; every rank takes part in the gathers). Rank 0 returns the float64 sum of every tensor
-        sent when `checksum`, the bucket count, the bytes and the seconds it took."""
-        from rl.grpo.sync import buckets, tensor_sums
+        """Collective. Stream the policy, cast to the engine's dtype, bucket by bucket through the transport.
+        sync.shards=gather: every rank takes part in the all-gathers, rank 0 writes full tensors. local: every
+        rank writes its own FSDP pieces, nothing is gathered (rl.grpo.sync.gather.iter_local_shards). Rank 0
+        returns the bucket count, bytes and seconds; every writing rank returns the float64 sums of what it
+        wrote when `checksum` (the driver adds them up in rank order)."""
+        from rl.grpo.sync import buckets, iter_local_shards, local_buckets, tensor_sums
 
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         k = nbytes = 0
         gather_s = send_s = 0.0       # all-gather + cast (the bucket generator) vs writing into the transport
-        stream = buckets(self._hf_tensors(self._engine_dtype()), max(1, int(bucket_mb * 2**20)))
+        size = max(1, int(bucket_mb * 2**20))
+        if self.local_shards:
+            tied = bool(getattr(self.model.hf.config, "tie_word_embeddings", False))
+            stream = local_buckets(iter_local_shards(self.model, self._engine_dtype(), tied_head=tied), size, self.rank)
+        else:
+            stream = buckets(self._hf_tensors(self._engine_dtype()), size)
+        writes = self.rank == 0 or self.local_shards
         while True:
             t = time.perf_counter()
             bucket = next(stream, None)
@@ -352,11 +364,11 @@ class TrainerWorker:
             if bucket is None:
                 break
             self.checkin.mark(f"push_weights bucket {k}")
-            if self.rank == 0:
+            if writes:
                 if checksum:
                     sums.update(tensor_sums(bucket))
                 t = time.perf_counter()
-                self.transport.send(version, k, bucket)
+                self.transport.send(version, k, bucket, writer=self.rank if self.local_shards else 0)
                 send_s += time.perf_counter() - t
                 nbytes += sum(t.numel() * t.element_size() for t in bucket.values())
             k += 1
@@ -366,7 +378,7 @@ class TrainerWorker:
             self.transport.finish(version, k)
             return {"sums": sums if checksum else None, "buckets": k, "bytes": nbytes, "gather_s": gather_s,
                     "send_s": send_s, "finish_s": time.perf_counter() - t, "seconds": time.perf_counter() - t0}
-        return None
+        return {"sums": sums if checksum else None, "bytes": nbytes} if writes else None
 
     @collective("export_hf")
     def export_hf(self, out_dir: str, bucket_mb: float = 512, with_tokenizer: bool = True) -> str | None:
@@ -441,7 +453,7 @@ class TrainerWorker:
         return process_memory_mb()
 
     def shutdown(self) -> None:
-        if self.transport is not None:   # the writer removes what it wrote, on its own node
+        if self.transport is not None and self.rank == 0:   # writer 0 removes the run's directory, on its node
             self.transport.close()
         if dist.is_initialized():
             dist.destroy_process_group()

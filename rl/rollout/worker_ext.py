@@ -79,9 +79,15 @@ class R1WorkerExtension:
         described by `spec` (rl.grpo.sync.transport): buckets are loaded as they arrive."""
         from rl.grpo.sync.transport import make_transport
 
-        return self._r1lab_reload(make_transport(spec).receive(version, reader), checksum)
+        transport = make_transport(spec)
+        if spec.get("writers", 1) == 1:
+            return self._r1lab_reload(transport.receive(version, reader), checksum)
+        # pieces of several trainer ranks: the transport sums each piece, as the ranks did (sync.shards=local)
+        transport.collect_sums = checksum
+        self._r1lab_reload(transport.receive(version, reader), checksum=False, verify=checksum)
+        return transport.piece_sums if checksum else None
 
-    def _r1lab_reload(self, tensors, checksum: bool) -> dict[str, float] | None:
+    def _r1lab_reload(self, tensors, checksum: bool, verify: bool | None = None) -> dict[str, float] | None:
         """Feed (name, tensor) pairs through vLLM's in-place reload; with `checksum`, return the float64 sum of
         every tensor actually fed to the engine, so the trainer can check that what arrived is what it sent (on
         CPU vLLM repacks linear weights into kernel formats and drops the originals, so the engine's own
@@ -103,7 +109,7 @@ class R1WorkerExtension:
         if getattr(self, "_r1lab_quant", "none") == "int8":
             from rl.rollout.quantization import quantize_stream
 
-            stream = quantize_stream(stream, check=checksum)   # the sums above: the tensors as sent
+            stream = quantize_stream(stream, check=checksum if verify is None else verify)   # sums: as sent
         with repack_moe_on_reload(self._r1lab_model()) if _on_cpu() else contextlib.nullcontext():
             self.reload_weights(weights_iterator=stream, is_checkpoint_format=True)  # type: ignore[attr-defined]
         self.r1lab_retie_lm_head()

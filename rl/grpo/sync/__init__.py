@@ -1,6 +1,6 @@
 """Trainer -> rollout-engine weight sync: gather one bucket at a time (`gather`), move it (`transport`)."""
-from rl.grpo.sync.gather import buckets, iter_full_tensors, tensor_sums
+from rl.grpo.sync.gather import buckets, iter_full_tensors, iter_local_shards, local_buckets, tensor_sums
 from rl.grpo.sync.transport import FileTransport, SyncError, make_transport, sweep_stale
 
-__all__ = ["buckets", "iter_full_tensors", "tensor_sums", "FileTransport", "SyncError", "make_transport",
+__all__ = ["buckets", "iter_full_tensors", "iter_local_shards", "local_buckets", "tensor_sums", "FileTransport", "SyncError", "make_transport",
            "sweep_stale"]

@@ -9,6 +9,7 @@ the largest single tensor, instead of the whole model gathered on rank 0.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -45,6 +46,52 @@ def iter_full_tensors(model: torch.nn.Module, dtype: torch.dtype | None, *, lora
         if tied_head and name == "lm_head.weight":
             continue
         yield name, _full(value, dtype).detach().to(device)
+
+
+def iter_local_shards(model: torch.nn.Module, dtype: torch.dtype | None, *, tied_head: bool = False
+                      ) -> Iterator[tuple[str, torch.Tensor, tuple[int, ...], bool]]:
+    """(HF name, this rank's piece in `dtype`, the full shape, sharded?) for every tensor: no collective.
+
+    For `sync.shards=local`: FSDP2 shards every parameter on dim 0 over a 1-D mesh, so the pieces of all ranks
+    in rank order, concatenated on dim 0, are the full tensor (an uneven split leaves the last ranks a short
+    or empty piece). Replicated tensors are sent by rank 0 only. LoRA and 2-D meshes need the gathering path."""
+    for key, value in model.state_dict().items():
+        name = hf_key(key)
+        if ".lora_A." in name or ".lora_B." in name or ".base_layer." in name:
+            raise ValueError(f"sync.shards=local cannot merge LoRA adapters ({name}): use sync.shards=gather")
+        if tied_head and name == "lm_head.weight":
+            continue
+        sharded = False
+        local = value
+        if hasattr(value, "to_local"):
+            placements = value.placements
+            if len(placements) != 1 or not (placements[0].is_shard(0) or placements[0].is_replicate()):
+                raise ValueError(f"sync.shards=local needs parameters sharded on dim 0 over a 1-D mesh; {name} has "
+                                 f"{placements}: use sync.shards=gather")
+            sharded, local = placements[0].is_shard(0), value.to_local()
+        if dtype is not None and local.is_floating_point():
+            local = local.to(dtype)
+        yield name, local.detach(), tuple(value.shape), sharded
+
+
+def local_buckets(shards: Iterable[tuple[str, torch.Tensor, tuple[int, ...], bool]], bucket_bytes: int, rank: int
+                  ) -> Iterator[dict[str, torch.Tensor]]:
+    """`buckets` for the pieces of `iter_local_shards`: boundaries are drawn by the *full* tensors' sizes, so
+    every rank cuts the same buckets (the same count, the same names per bucket); a bucket holds this rank's
+    pieces only (possibly none: an empty dict is still a bucket)."""
+    cur: dict[str, torch.Tensor] = {}
+    size = count = 0
+    for name, local, shape, sharded in shards:
+        n = math.prod(shape) * local.element_size()
+        if count and size + n > bucket_bytes:
+            yield cur
+            cur, size, count = {}, 0, 0
+        if sharded or rank == 0:
+            cur[name] = local.contiguous()
+        size += n
+        count += 1
+    if count:
+        yield cur
 
 
 def buckets(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[dict[str, torch.Tensor]]:

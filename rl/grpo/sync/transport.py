@@ -12,6 +12,14 @@ shared file system across nodes). Each bucket is written to a temporary name and
 sees half a file; each reader marks the buckets it has loaded; the writer deletes a bucket once every reader has
 it, and removes the run's directory when it closes. A directory left by a run that was killed is swept by the
 next writer that starts on the same host (its owner process is gone).
+
+Several writers (`writers` > 1, sync.shards=local): every trainer rank writes its own FSDP pieces of bucket k
+(`v..-b..-w<rank>`), nothing is all-gathered; a reader waits for all of a bucket's files and concatenates each
+tensor's pieces on dim 0 in rank order (`rl.grpo.sync.gather.iter_local_shards`). Writer 0 owns the protocol
+(end marker, waiting for the readers, deleting what they have loaded); the other writers only wait until their
+piece of bucket k - max_inflight is gone before writing bucket k. With `collect_sums`, a reader records each
+tensor's float64 sum as the sum of its pieces' sums in rank order, the same arithmetic the trainer ranks' sums
+add up to, so the exact comparison of the checksum step still holds.
 """
 from __future__ import annotations
 
@@ -65,15 +73,18 @@ class FileTransport:
     """Buckets as safetensors files in a directory that the writer and every reader can see."""
     kind = "file"
 
-    def __init__(self, root: str, run_id: str, readers: int, *, timeout_s: float = 300.0, max_inflight: int = 2):
-        self.root, self.run_id, self.readers = Path(root), run_id, readers
+    def __init__(self, root: str, run_id: str, readers: int, *, timeout_s: float = 300.0, max_inflight: int = 2,
+                 writers: int = 1):
+        self.root, self.run_id, self.readers, self.writers = Path(root), run_id, readers, max(1, writers)
         self.dir = self.root / f"{PREFIX}{run_id}"
         self.timeout_s, self.max_inflight = timeout_s, max(1, max_inflight)
+        self.collect_sums = False
+        self.piece_sums: dict[str, float] = {}
 
     def spec(self) -> dict:
         """What a reader in another process needs to build its side (plain data: crosses Ray and RPCs)."""
         return {"kind": self.kind, "root": str(self.root), "run_id": self.run_id, "readers": self.readers,
-                "timeout_s": self.timeout_s, "max_inflight": self.max_inflight}
+                "timeout_s": self.timeout_s, "max_inflight": self.max_inflight, "writers": self.writers}
 
     # ------------------------------------------------------------------------------------------ writer
     def open_writer(self) -> list[str]:
@@ -84,17 +95,21 @@ class FileTransport:
         (self.dir / "owner.json").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
         return swept
 
-    def _bucket(self, version: int, k: int) -> Path:
-        return self.dir / f"v{version:06d}-b{k:05d}.safetensors"
+    def _bucket(self, version: int, k: int, writer: int = 0) -> Path:
+        w = f"-w{writer}" if self.writers > 1 else ""
+        return self.dir / f"v{version:06d}-b{k:05d}{w}.safetensors"
 
-    def send(self, version: int, k: int, bucket: dict[str, torch.Tensor]) -> None:
+    def send(self, version: int, k: int, bucket: dict[str, torch.Tensor], writer: int = 0) -> None:
         from safetensors.torch import save_file
 
-        if k == 0:  # the previous version's end marker: every reader has finished with that version
+        if k == 0 and writer == 0:  # the previous version's end marker: every reader has finished with it
             (self.dir / f"v{version - 1:06d}.end").unlink(missing_ok=True)
         if k >= self.max_inflight:
-            self._wait_consumed(version, k - self.max_inflight)
-        path = self._bucket(version, k)
+            if writer == 0:
+                self._wait_consumed(version, k - self.max_inflight)
+            else:
+                self._wait_gone(self._bucket(version, k - self.max_inflight, writer), version)
+        path = self._bucket(version, k, writer)
         tmp = path.with_suffix(".tmp")
         save_file(bucket, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, path)
@@ -109,6 +124,15 @@ class FileTransport:
         for k in range(max(0, count - self.max_inflight), count):
             self._wait_consumed(version, k)
 
+    def _wait_gone(self, path: Path, version: int) -> None:
+        """Writers > 0: writer 0 deletes a bucket's files once every reader has loaded them."""
+        deadline = time.monotonic() + self.timeout_s
+        while path.exists():
+            if time.monotonic() > deadline:
+                raise SyncError(f"weight sync v{version}: {path.name} was not consumed within "
+                                f"sync.timeout_s={self.timeout_s}s (a rollout reader or trainer rank 0 stopped)")
+            time.sleep(0.002)
+
     def _wait_consumed(self, version: int, k: int) -> None:
         path = self._bucket(version, k)
         marks = [path.with_name(path.name + f".r{j}") for j in range(self.readers)]
@@ -119,6 +143,8 @@ class FileTransport:
                 raise SyncError(f"weight sync v{version}: rollout reader(s) {missing} did not load bucket {k} "
                                 f"within sync.timeout_s={self.timeout_s}s ({path})")
             time.sleep(0.002)
+        for w in range(1, self.writers):
+            self._bucket(version, k, w).unlink(missing_ok=True)
         path.unlink(missing_ok=True)
         for m in marks:
             m.unlink(missing_ok=True)
@@ -128,25 +154,32 @@ class FileTransport:
 
     # ------------------------------------------------------------------------------------------ reader
     def receive(self, version: int, reader: int) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield every tensor of version `version`, bucket by bucket, as the writer produces them."""
+        """Yield every tensor of version `version`, bucket by bucket, as the writer(s) produce them."""
         from safetensors import safe_open
 
         k = 0
         end = self.dir / f"v{version:06d}.end"
+        self.piece_sums = {}
         while True:
-            path = self._bucket(version, k)
+            paths = [self._bucket(version, k, w) for w in range(self.writers)]
             deadline = time.monotonic() + self.timeout_s
-            while not path.exists():
+            while not all(p.exists() for p in paths):
                 if end.exists() and k >= int(end.read_text() or 0):
                     return
                 if time.monotonic() > deadline:
                     raise SyncError(f"weight sync v{version}: reader {reader} waited {self.timeout_s}s for bucket "
                                     f"{k} in {self.dir} (is sync.dir visible to the trainer's node?)")
                 time.sleep(0.002)
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-            path.with_name(path.name + f".r{reader}").touch()
+            files = [safe_open(str(p), framework="pt") for p in paths]
+            keys = [list(f.keys()) for f in files]
+            held = [set(k_) for k_ in keys]
+            for name in dict.fromkeys(n for k_ in keys for n in k_):
+                pieces = [f.get_tensor(name) for f, h in zip(files, held) if name in h]
+                if self.collect_sums:
+                    self.piece_sums[name] = sum(float(p.double().sum()) for p in pieces)
+                yield name, pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
+            del files
+            paths[0].with_name(paths[0].name + f".r{reader}").touch()
             k += 1
 
 
