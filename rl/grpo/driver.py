@@ -435,13 +435,14 @@ class GRPODriver:
         load = [w.load_weights.remote(spec, version, j, check) for j, w in enumerate(self.rollouts)]
         pushed = self._get(push, self.cfg.sync.timeout_s * 2, "weight sync (trainers)")
         sent = dict(pushed[0])
-        if check and self.sync_writers > 1:   # each rank's pieces: the sums of the parts, in rank order
-            sums: dict[str, float] = {}
-            for r in pushed:
-                for name, v in (r or {}).get("sums", {}).items():
-                    sums[name] = sums.get(name, 0.0) + v
-            sent["sums"] = sums
+        if self.sync_writers > 1:   # every rank wrote its pieces: bytes add up; sums of the parts, in rank order
             sent["bytes"] = sum((r or {}).get("bytes", 0) for r in pushed)
+            if check:
+                sums: dict[str, float] = {}
+                for r in pushed:
+                    for name, v in (r or {}).get("sums", {}).items():
+                        sums[name] = sums.get(name, 0.0) + v
+                sent["sums"] = sums
         got = self._get(load, self.cfg.sync.timeout_s, "weight sync (engines)")
         self.version = version
         out = {"perf/sync_load_s": max(g["seconds"] for g in got), "sync/buckets": float(sent["buckets"]),
