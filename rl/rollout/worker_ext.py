@@ -80,9 +80,8 @@ class R1WorkerExtension:
         from rl.grpo.sync.transport import make_transport
 
         transport = make_transport(spec)
-        if spec.get("writers", 1) == 1:
-            return self._r1lab_reload(transport.receive(version, reader), checksum)
-        # pieces of several trainer ranks: the transport sums each piece, as the ranks did (sync.shards=local)
+        # the transport sums what arrives piece by piece, as the writing rank(s) did (one piece per tensor with
+        # a single writer; each rank's FSDP piece with sync.shards=local)
         transport.collect_sums = checksum
         self._r1lab_reload(transport.receive(version, reader), checksum=False, verify=checksum)
         return transport.piece_sums if checksum else None
