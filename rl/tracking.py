@@ -134,6 +134,14 @@ class WandB(_RunTracker):
     def summary(self, step: int, summary: dict) -> None:
         self.run.summary.update(summary)
 
+    def close(self) -> None:
+        """`run.finish()` returns before wandb-core has flushed the run's transaction log (its finish message
+        to the service is fire-and-forget; on a slow machine the .wandb file then lacks the history when
+        finish returns: CI saw it). `wandb.teardown()` waits for the service process to exit, which closes
+        and flushes every stream: the offline run is complete on disk when this returns."""
+        self.run.finish()
+        self.lib.teardown()
+
 
 class MLflow:
     BAD = re.compile(r"[^\w.\- :/]")

@@ -45,6 +45,7 @@ def fake_run(out: Path, names: list[str], project: str = "r1lab-test") -> dict:
                          "val/heldout/pass@1": 0.5 + 0.1 * step, "note": "strings are not metrics"})
         t.images({"plots/timing": png})
         t.summary({"final": str(out / "final"), "steps": 3})
+        assert set(t.active) == set(names), f"a tracker failed during the run and was left out: {names}"
     finally:
         t.close()
     return {"png": png}
@@ -107,9 +108,10 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     fake_run(tmp_path, ["wandb"])
     (log,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
-    history, summary, config = [], {}, {}
+    history, summary, config, kinds = [], {}, {}, []
     for rec in _wandb_records(log):
         kind = rec.WhichOneof("record_type")
+        kinds.append(kind)
         if kind == "history":
             history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
         elif kind == "summary":
@@ -117,7 +119,9 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
         elif kind == "run":
             config.update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
     steps = {h["_step"]: h for h in history}
-    assert sorted(steps) == [1, 2, 3] and all(set(METRICS) <= set(h) for h in steps.values())
+    internal = Path(log).parent / "logs" / "debug-internal.log"
+    why = f"records {kinds}; wandb-core said: {internal.read_text()[-3000:] if internal.exists() else '-'}"
+    assert sorted(steps) == [1, 2, 3] and all(set(METRICS) <= set(h) for h in steps.values()), why
     assert steps[3]["val/heldout/pass@1"] == pytest.approx(0.8)
     assert steps[3]["plots/timing/_type"] == "image-file"
     assert summary["steps"] == 3 and summary["final"].endswith("final")
