@@ -125,6 +125,8 @@ def _run(cmd, env, out, kill_after_lines=None, timeout=600):
     while time.time() < deadline:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after_lines:
             break
+        if p.poll() is not None:  # it ended before it could be killed: say how, instead of waiting out the timeout
+            return p.returncode, p.stdout.read()
         time.sleep(0.2)
     procs = [p.pid] + [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
     for pid in procs:  # the driver and everything it started (Ray, actors, vLLM): a hard crash
@@ -147,8 +149,8 @@ def test_kill_and_resume_continues_exactly_across_trainer_counts(tmp_path):
            "algo.kl_coef=0.01", "trainer.lr=0.001", "reward.functions=[plugins_for_tests:ones]",
            "reward.weights=[1.0]", f"sync.dir={shm}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    rc, _ = _run(cmd, env, out, kill_after_lines=5)
-    assert rc == -signal.SIGKILL
+    rc, log = _run(cmd, env, out, kill_after_lines=5)
+    assert rc == -signal.SIGKILL, log[-3000:]
     leaked = list(shm.glob("r1lab-sync-*"))
     assert len(leaked) == 1                     # a killed run cannot clean up after itself...
     before = read_metrics(out)
