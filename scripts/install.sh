@@ -38,7 +38,8 @@ for line in out.splitlines():
     if flag:
         for v in shlex.split(value.strip().strip("'\"")):
             args += [flag, v]
-print(" ".join(args + ["--index-strategy", "unsafe-best-match", "--compile-bytecode"]))  # pip splits on spaces too
+# --native-tls: the system certificates, as pip is given here (`cert`), for mirrors behind a local CA
+print(" ".join(args + ["--index-strategy", "unsafe-best-match", "--compile-bytecode", "--native-tls"]))  # pip splits on spaces too
 PYEOF
 }
 installer=${R1LAB_INSTALLER:-uv}
