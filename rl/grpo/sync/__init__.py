@@ -2,5 +2,5 @@
 from rl.grpo.sync.gather import buckets, iter_full_tensors, iter_local_shards, local_buckets, tensor_sums
 from rl.grpo.sync.transport import FileTransport, SyncError, make_transport, sweep_stale
 
-__all__ = ["buckets", "iter_full_tensors", "iter_local_shards", "local_buckets", "tensor_sums", "FileTransport", "SyncError", "make_transport",
-           "sweep_stale"]
+__all__ = ["buckets", "iter_full_tensors", "iter_local_shards", "local_buckets", "tensor_sums", "FileTransport",
+           "SyncError", "make_transport", "sweep_stale"]
