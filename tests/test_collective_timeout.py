@@ -93,6 +93,22 @@ def test_only_collective_failures_are_converted_and_a_dead_store_still_gives_an_
         r0.mark("update micro-batch 0")
 
 
+
+def test_a_store_that_never_answers_names_rank_0_instead_of_hanging():
+    """Trainer rank 0's process hosts the store: when rank 0 is the one that stalled (SIGSTOP, a hung kernel), a
+    store read can block forever; the diagnosis gives up after the grace plus store_wait_s (bench/chaos.py)."""
+    import threading
+
+    store, (_, r1) = _group(2, grace=0.2)
+    r1.store_wait_s = 0.5
+    r1.mark("update")
+    store.check = lambda keys: threading.Event().wait()   # never answers
+    t0 = time.monotonic()
+    err = r1.diagnose(GLOO_TIMEOUT)
+    assert time.monotonic() - t0 < 2.0
+    assert err.stalled == [0] and "did not answer within 0.7 s, so rank 0 is the one that stalled" in str(err)
+
+
 CHILD = r"""
 import json, os, sys, time
 sys.path[:0] = [sys.argv[4], sys.argv[5]]
@@ -166,6 +182,8 @@ def test_a_stalled_trainer_rank_is_named_within_the_timeout(tiny, tmp_path):
 
 def test_the_driver_stops_with_the_stalled_rank_and_the_last_intact_checkpoint(tmp_path):
     """What the driver makes of a trainer's CollectiveTimeout as Ray delivers it (no Ray started)."""
+    import pickle
+
     from ray.exceptions import RayTaskError
 
     from rl.config import load_config
@@ -176,6 +194,7 @@ def test_the_driver_stops_with_the_stalled_rank_and_the_last_intact_checkpoint(t
     d.step, d.last_ckpt = 6, tmp_path / "checkpoints" / "step_000006"
     cause = CollectiveTimeout("trainer rank 0: a collective at 'update micro-batch 0' failed (...): trainer "
                               "rank(s) [1] did not arrive", rank=0, stalled=[1], point="update micro-batch 0")
+    cause = pickle.loads(pickle.dumps(cause))   # as Ray carries it from the trainer (the chaos bench found this)
     with pytest.raises(TrainerStalled) as e:
         d._raise_worker_error(RayTaskError("TrainerWorker.update", "Traceback ...", cause).as_instanceof_cause(),
                               "update")

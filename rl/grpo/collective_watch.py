@@ -41,6 +41,13 @@ class CollectiveTimeout(RuntimeError):
         super().__init__(message)
         self.rank, self.stalled, self.point = rank, stalled, point
 
+    def __reduce__(self):   # keyword-only fields: Ray pickles it from the trainer to the driver
+        return _rebuild, (str(self), self.rank, self.stalled, self.point)
+
+
+def _rebuild(message: str, rank: int, stalled: list[int], point: str) -> CollectiveTimeout:
+    return CollectiveTimeout(message, rank=rank, stalled=stalled, point=point)
+
 
 def is_collective_failure(e: BaseException) -> bool:
     """A timed-out or broken collective: torch's DistError, or the plain RuntimeError gloo raises with a
@@ -58,6 +65,7 @@ def grace_s(timeout_s: float) -> float:
 
 class CheckIn:
     """This rank's check-ins in the group's store; `section` turns a failed collective into CollectiveTimeout."""
+    store_wait_s = 10.0   # diagnose: how long past the grace an unanswered store read is waited for
 
     def __init__(self, store, rank: int, world: int, timeout_s: float, grace: float | None = None) -> None:
         self.store, self.rank, self.world, self.timeout_s = store, rank, world, timeout_s
@@ -101,7 +109,25 @@ class CheckIn:
             raise self.diagnose(e) from e
 
     def diagnose(self, error: BaseException) -> CollectiveTimeout:
-        """Mark this rank failed, wait up to the grace for peers that may be waiting too, name the others."""
+        """Mark this rank failed, wait up to the grace for peers that may be waiting too, name the others.
+        The store lives in trainer rank 0's process: when that process is the one that stalled (stopped, hung in
+        a kernel), a read may never return, so the reads run in a thread that is given up on after the grace
+        plus 10 s (found by bench/chaos.py: a SIGSTOPped rank 0 left rank 1 blocked in the store forever)."""
+        import threading
+
+        box: dict[str, CollectiveTimeout] = {}
+        reader = threading.Thread(target=lambda: box.update(out=self._diagnose(error)), daemon=True,
+                                  name="r1lab-checkin-diagnose")
+        reader.start()
+        reader.join(self.grace + self.store_wait_s)
+        if "out" in box:
+            return box["out"]
+        return CollectiveTimeout(f"{self._head(error)}: the group's store (in trainer rank 0's process) did not "
+                                 f"answer within {self.grace + self.store_wait_s:g} s, so rank 0 is the one that "
+                                 "stalled",
+                                 rank=self.rank, stalled=[0] if self.rank != 0 else [], point=self.label)
+
+    def _diagnose(self, error: BaseException) -> CollectiveTimeout:
         seen: dict[int, list | None] = {}
         try:
             self._write("failed")

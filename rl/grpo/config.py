@@ -55,9 +55,14 @@ class RolloutConfig:
                                     "sync is re-quantized in the engine (rl.rollout.quantization). Pair it with "
                                     "algo.rollout_correction (README: Quantized rollout)",
                             choices=["none", "int8", "fp8"])
+    max_restarts: int = opt(3, "rollout workers that die (process killed, node lost, engine crash) or hang past "
+                               "resources.health_timeout_s are replaced in the same placement, loaded with the "
+                               "current policy (checksum-verified) and given the lost prompts again, at most this "
+                               "many times per run (rl.grpo.recovery); 0 = stop at the first failure")
 
     def validate(self) -> None:
         require(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
+        require(self.max_restarts >= 0, "rollout.max_restarts", "must be >= 0 (0 = no replacement)")
         require(self.n >= 2, "rollout.n", "GRPO needs at least 2 samples per prompt")
         require(self.batch_prompts >= 1, "rollout.batch_prompts", "must be >= 1")
         require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
@@ -249,6 +254,10 @@ class TrainerConfig:
                                               "with an error naming the rank that did not arrive "
                                               "(rl.grpo.collective_watch; the process-group timeout; NCCL's "
                                               "watchdog aborts the process instead); must exceed sync.timeout_s")
+    max_restarts: int = opt(2, "when a trainer worker dies or a collective times out, the trainer group is torn "
+                               "down, started again, restored from the last committed checkpoint (the driver's "
+                               "step, data cursor and metrics rewind to it) and the run goes on in the same job, at "
+                               "most this many times (rl.grpo.recovery); 0 = stop at the first failure")
     peak_tflops: float = opt(0.0, "per-device dense peak in TFLOP/s (H100 bf16: 989) for the perf/mfu metric "
                                   "(6 x params x trained tokens / update time / peak); 0 = no MFU")
 
@@ -266,6 +275,7 @@ class TrainerConfig:
                 f"sequence_parallel={self.sequence_parallel} splits packed rows: set trainer.packing=true")
         require(all(isinstance(m, int) for m in self.milestones), "trainer.milestones", "must be integers")
         require(self.collective_timeout_s > 0, "trainer.collective_timeout_s", "must be > 0")
+        require(self.max_restarts >= 0, "trainer.max_restarts", "must be >= 0 (0 = no restart)")
 
 
 @dataclass
@@ -328,6 +338,9 @@ class ResourcesConfig:
     placement_strategy: str = opt("PACK", "placement group strategy", choices=["PACK", "SPREAD", "STRICT_PACK"])
     wait_s: float = opt(600.0, "how long to wait for the cluster to free the resources of a feasible run "
                                "(an infeasible one fails at once)")
+    health_timeout_s: float = opt(1800.0, "a rollout worker call (generating a batch, loading weights) still running "
+                                          "after this long is declared hung: the worker is killed and replaced "
+                                          "(rollout.max_restarts); a killed worker is noticed at once")
 
 
 # Step-1 check of mean |trainer - engine| log-prob per rollout precision (algo.logprob_check_tol = 0). Measured:
@@ -354,6 +367,7 @@ class GRPOConfig:
 
     def validate(self) -> None:
         require(0 < self.resources.rollout_gpu_share < 1, "resources.rollout_gpu_share", "must be in (0, 1)")
+        require(self.resources.health_timeout_s > 0, "resources.health_timeout_s", "must be > 0")
         if self.log.val_every > 0 and not self.data.source.startswith("synthetic:"):
             require(bool(self.log.val_benchmark), "log.val_every",
                     f"validation needs held-out problems: data.source={self.data.source!r} has no held-out split, "

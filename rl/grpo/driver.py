@@ -5,6 +5,8 @@
           --(trainer workers, FSDP2)--> old/ref log-probs (skipped when strictly on-policy), update
           --> weight sync (rl.grpo.sync: trainers stream buckets, engines load them as they arrive)
           --> metrics (with a time breakdown), checkpoints (sharded, atomic), validation
+Failures (rl.grpo.recovery): a dead or hung rollout worker is replaced and its prompts generated again; a dead or
+stalled trainer worker restarts the trainer group from the last checkpoint, inside the same run.
 What is asynchronous: every actor call is `.remote()`; the driver waits on it with `ray.get(..., timeout)`
 right away, except rollouts launched ahead of training when `rollout.async_steps` > 0 (rl.grpo.rollout_queue)
 and the weight push/load pair, which run concurrently by design.
@@ -33,24 +35,23 @@ from rl.grpo.config import GRPOConfig
 from rl.grpo.metrics_log import MetricsLog
 from rl.grpo.placement import plan_placement
 from rl.grpo.prompts import Cursor, load_train_rows, tokenize_prompts
+from rl.grpo.recovery import (
+    FaultLog,
+    TrainerStalled,
+    WorkerDied,
+    call_rollout,
+    collect_rollouts,
+    gather_loads,
+    replace_rollout,
+    restart_trainers,
+)
 from rl.grpo.rewards_check import FailureWatch, merge_reward_metrics
 from rl.grpo.rollout_queue import RolloutQueue
 from rl.model_card import CardInfo, write_model_card
 
 log = logging.getLogger("r1lab.grpo")
 latest_checkpoint = ckpt.latest_checkpoint  # re-exported: tests and users look for it here
-
-
-class WorkerDied(RuntimeError):
-    """A Ray worker died; the message names it and the last intact checkpoint."""
-
-
-class TrainerStalled(WorkerDied):
-    """A collective of the trainer group timed out; `stalled` lists the trainer ranks that did not arrive."""
-
-    def __init__(self, message: str, stalled: list[int]) -> None:
-        super().__init__(message)
-        self.stalled = stalled
+__all__ = ["GRPODriver", "TrainerStalled", "WeightSyncError", "WorkerDied", "latest_checkpoint"]
 
 
 class WeightSyncError(RuntimeError):
@@ -93,6 +94,12 @@ def validation_sampling(cfg: GRPOConfig):
     return Sampling(temperature=lc.val_temperature, top_p=1.0, n=lc.val_samples, max_tokens=r.max_new_tokens,
                     seed=cfg.trainer.seed, template=cfg.data.template, force_think=cfg.data.force_think,
                     tools=r.tools, tool=r.tool_spec())
+
+
+def rollout_seed(seed: int, step: int, round_: int, worker: int) -> int:
+    """The sampling seed of one rollout call: trainer.seed, the step (0-based) it trains, the dynamic-sampling
+    round and the worker."""
+    return (seed * 1_000_003 + step * 10_007 + round_ * 101 + worker) % (2**31 - 1)
 
 
 def strictly_on_policy(cfg: GRPOConfig) -> bool:
@@ -170,6 +177,13 @@ class GRPODriver:
         self.last_ckpt: Path | None = None
         self._started_ray = False
         self.pg = None
+        self.plan = None
+        self.init_path: str | None = None        # the weights the actors start from (base model or resume/hf)
+        self.faults = FaultLog(cfg.rollout.max_restarts, cfg.trainer.max_restarts)   # rl.grpo.recovery
+        self.transfers = 0         # weight transfers so far: each one's id in the transport
+        self.reissued_prompts = 0  # prompts generated again after their rollout worker was lost
+        self.start_step, self.start_cursor = 0, self.cursor.state()
+        self.mlog: MetricsLog | None = None
 
     # ------------------------------------------------------------------------------------------------ setup
     def _start_ray(self) -> None:
@@ -212,48 +226,83 @@ class GRPODriver:
 
     def start(self, init_path: str | None = None) -> None:
         """Ray, a placement group checked against the cluster, trainer and rollout actors."""
-        import ray
         from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from rl.grpo.placement import check_fits, cluster_nodes, wait_ready
-        from rl.grpo.rollout_worker import RolloutWorker
-        from rl.grpo.trainer_worker import TrainerWorker
 
         self._start_ray()
         cfg = self.cfg
-        plan = plan_placement(cfg)
+        self.plan = plan = plan_placement(cfg)
         nodes = cluster_nodes()
         check_fits(plan, nodes)   # fail now, naming the shortfall, instead of waiting forever
         self.sync_writers = self._choose_sync_writers(len(nodes))
         self.pg = placement_group(plan.bundles, strategy=plan.strategy)
         wait_ready([self.pg.ready()], ["placement group " + str(plan.bundles)], cfg.resources.wait_s,
                    "reserving resources")
-        strat = lambda i: PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)  # noqa: E731
-        addr, port = ray.get(ray.remote(_rank0_address).options(num_cpus=0, scheduling_strategy=strat(0)).remote())
+        self.init_path = init_path or self.model_path
+        self.rollouts = [self.make_rollout(j) for j in range(len(plan.rollout))]
+        info = self.start_trainers(also=self.rollouts)
+        nt = len(self.trainers)
+        self.placement_info = {"trainer_nodes": [i["node_id"] for i in info[:nt]],
+                               "rollout_nodes": [i["node_id"] for i in info[nt:]],
+                               "master_addr": self._master_addr}
+
+    def _strategy(self, bundle: int):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle)
+
+    def make_rollout(self, j: int, seed_offset: int = 0):
+        """Rollout worker j in its bundle, starting from the run's initial weights (not waited for)."""
+        import ray
+
+        from rl.grpo.rollout_worker import RolloutWorker
+
+        b, opts = self.plan.rollout[j]
+        return ray.remote(RolloutWorker).options(scheduling_strategy=self._strategy(b), **opts).remote(
+            self.init_path, self.cfg, self.cfg.trainer.seed + 17 * j + seed_offset, _import_path())
+
+    def start_trainers(self, also: list[Any] = ()) -> list[dict]:
+        """The trainer group in its bundles, with a fresh rendezvous port; waits until it (and `also`) is ready.
+        Returns the workers' ready() answers, trainers first."""
+        import ray
+
+        from rl.grpo.placement import wait_ready
+        from rl.grpo.trainer_worker import TrainerWorker
+
+        cfg, plan = self.cfg, self.plan
+        addr, port = ray.get(ray.remote(_rank0_address).options(num_cpus=0, scheduling_strategy=self._strategy(
+            plan.trainer[0][0])).remote())
+        self._master_addr = addr
         spec = self.sync_spec()
         nt = len(plan.trainer)
-        self.trainers = [ray.remote(TrainerWorker).options(scheduling_strategy=strat(b), **opts).remote(
+        self.trainers = [ray.remote(TrainerWorker).options(scheduling_strategy=self._strategy(b), **opts).remote(
             i, nt, addr, port, cfg, self.model_path, self.model_path, spec) for i, (b, opts) in enumerate(plan.trainer)]
-        self.rollouts = [ray.remote(RolloutWorker).options(scheduling_strategy=strat(b), **opts).remote(
-            init_path or self.model_path, cfg, cfg.trainer.seed + 17 * j, _import_path())
-            for j, (b, opts) in enumerate(plan.rollout)]
-        names = [f"trainer worker {i}" for i in range(nt)] + [f"rollout worker {j}" for j in range(len(self.rollouts))]
+        names = [f"trainer worker {i}" for i in range(nt)] + [f"rollout worker {j}" for j in range(len(also))]
         try:
-            info = wait_ready([w.ready.remote() for w in self.trainers + self.rollouts], names, 900, "starting workers")
+            info = wait_ready([w.ready.remote() for w in self.trainers + list(also)], names, 900, "starting workers")
         except Exception as e:
             self._raise_worker_error(e, "start-up")
         swept = info[0].get("swept") or []
-        if swept:
+        if swept and also:   # at a restart (no `also`) it is the previous trainer group's own directory
             print(f"[r1lab] removed sync directories of dead runs: {swept}", flush=True)
-        self.placement_info = {"trainer_nodes": [i["node_id"] for i in info[:nt]],
-                               "rollout_nodes": [i["node_id"] for i in info[nt:]],
-                               "master_addr": addr}
+        return info
 
     def _get(self, refs, timeout: float, what: str):
+        """ray.get that fails as soon as one call failed (a rank that died or timed out), not when the last
+        answers: the other ranks of a collective may never return."""
         import ray
+        from ray.exceptions import GetTimeoutError
 
         try:
+            if isinstance(refs, list) and len(refs) > 1:
+                deadline = time.monotonic() + timeout
+                pending = list(refs)
+                while pending:
+                    done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+                    if not done:
+                        raise GetTimeoutError(f"{what}: {len(pending)} call(s) not back within {timeout:g}s")
+                    ray.get(done)   # raises the first failure now
             return ray.get(refs, timeout=timeout)
         except Exception as e:
             self._raise_worker_error(e, what)
@@ -270,31 +319,43 @@ class GRPODriver:
             raise TrainerStalled(f"{what} at step {self.step + 1}: {cause}. Stopping; {where}; rerun with "
                                  "checkpoint.resume=auto to continue", list(getattr(cause, "stalled", []))) from None
         if isinstance(e, RayActorError):
-            who = self._actor_names().get(getattr(e, "actor_id", None) or "", "a Ray worker")
+            who, kind, index = self._actor_names().get(getattr(e, "actor_id", None) or "", ("a Ray worker", None, None))
             raise WorkerDied(f"{who} died during {what} at step {self.step + 1}. Stopping; {where}; rerun with "
-                             f"checkpoint.resume=auto to continue. Ray said: {e}") from None
+                             f"checkpoint.resume=auto to continue. Ray said: {e}", kind, index) from None
         if isinstance(e, GetTimeoutError):
             raise WorkerDied(f"{what} timed out at step {self.step + 1}") from None
         raise e
 
-    def _actor_names(self) -> dict[str, str]:
-        names = {w._actor_id.hex(): f"trainer worker {i} (TrainerWorker)" for i, w in enumerate(self.trainers)}
-        names.update({w._actor_id.hex(): f"rollout worker {i} (RolloutWorker)" for i, w in enumerate(self.rollouts)})
+    def _actor_names(self) -> dict[str, tuple[str, str, int]]:
+        """actor id -> (name, kind, index)."""
+        names = {w._actor_id.hex(): (f"trainer worker {i} (TrainerWorker)", "trainer", i)
+                 for i, w in enumerate(self.trainers)}
+        names.update({w._actor_id.hex(): (f"rollout worker {i} (RolloutWorker)", "rollout", i)
+                      for i, w in enumerate(self.rollouts)})
         return names
 
     # ------------------------------------------------------------------------------------------------ rollout
-    def _launch(self, k: int) -> dict[str, Any]:
-        """Take k prompts and start generating (and scoring) them on every rollout worker; returns handles."""
+    def _launch(self, k: int, step: int, round_: int = 0) -> dict[str, Any]:
+        """Take k prompts and start generating (and scoring) them on every rollout worker; returns handles.
+        The sampling seed of each call is a function of (trainer.seed, the step it trains, the dynamic-sampling
+        round, the worker), so a regenerated call (a replaced worker, a restarted trainer group) draws the same
+        samples as the lost one would have (rl.grpo.rollout_worker.RolloutWorker.rollout)."""
         idx = self.cursor.take(k)
         nr = len(self.rollouts)
         chunks = [list(range(j, len(idx), nr)) for j in range(nr)]
-        refs = [w.rollout.remote([self.prompt_ids[idx[i]] for i in ch], [self.train_rows[idx[i]] for i in ch],
-                                 self.version) for w, ch in zip(self.rollouts, chunks)]
-        return {"idx": idx, "chunks": chunks, "refs": refs, "version": self.version}
+        seeds = [rollout_seed(self.cfg.trainer.seed, step, round_, j) for j in range(nr)]
+        refs = [self.rollout_call(j, idx, ch, seeds[j]) for j, ch in enumerate(chunks)]
+        return {"idx": idx, "chunks": chunks, "refs": refs, "version": self.version, "workers": list(self.rollouts),
+                "seeds": seeds}
+
+    def rollout_call(self, j: int, idx: list[int], chunk: list[int], seed: int):
+        """Rollout worker j generates (and scores) the prompts idx[i] for i in chunk, with the weights it holds."""
+        return self.rollouts[j].rollout.remote([self.prompt_ids[idx[i]] for i in chunk],
+                                               [self.train_rows[idx[i]] for i in chunk], self.version, seed)
 
     def _collect(self, handle: dict[str, Any]) -> list[Group]:
         t0 = time.perf_counter()
-        outs = self._get(handle["refs"], 3600, "rollout")
+        outs = collect_rollouts(self, handle)   # replaces dead or hung workers, generates their prompts again
         self._timing["rollout_wait_s"] += time.perf_counter() - t0
         idx = handle["idx"]
         groups: list[Group | None] = [None] * len(idx)
@@ -311,11 +372,14 @@ class GRPODriver:
         """This step's groups: the batch launched for it (now, or ahead of time in async mode), then dynamic
         sampling's extra rounds with the current weights."""
         cfg = self.cfg
-        self.queue.fill(self.step, self.version, self.cursor.state, lambda _: self._launch(cfg.rollout.batch_prompts))
+        self.queue.fill(self.step, self.version, self.cursor.state,
+                        lambda s: self._launch(cfg.rollout.batch_prompts, s))
         first = [self.queue.pop(self.step).handle]
+        rounds = [0]
 
         def make(k: int) -> list[Group]:
-            return self._collect(first.pop() if first else self._launch(k))
+            rounds[0] += 1
+            return self._collect(first.pop() if first else self._launch(k, self.step, rounds[0] - 1))
         return fill_batch(make, cfg.rollout.batch_prompts, cfg.rollout.dynamic_sampling, cfg.rollout.max_gen_batches)
 
     # ------------------------------------------------------------------------------------------------ one step
@@ -402,7 +466,9 @@ class GRPODriver:
         lengths = torch.tensor([len(s["token_ids"]) for g in groups for s in g.samples], dtype=torch.float)
         truncated = sum(s["finish_reason"] == "length" for g in groups for s in g.samples)
         stale = (self.step - batch["version"]).float()
-        out = {"rollout/response_length_mean": float(lengths.mean()),
+        n = self.cfg.rollout.n
+        out = {"rollout/short_groups": float(sum(len(g.samples) < n for g in groups)),   # lost samples: always 0
+               "rollout/response_length_mean": float(lengths.mean()),
                "rollout/response_length_max": float(lengths.max()),
                "rollout/truncated_frac": truncated / max(1, lengths.numel()),
                "rollout/staleness_mean": float(stale.mean()), "rollout/staleness_max": float(stale.max())}
@@ -427,12 +493,23 @@ class GRPODriver:
             self._get([(w.sleep if sleep else w.wake_up).remote() for w in self.rollouts], 600, "vLLM sleep/wake")
 
     def sync_weights(self, check: bool) -> dict[str, float]:
-        """Trainers stream the new weights bucket by bucket; every engine loads them as they arrive."""
-        version = self.step + 1
+        """After an update: every engine loads the new weights (version step + 1)."""
+        out = self.transfer_weights(check)
+        self.version = self.step + 1
+        return out
+
+    def transfer_weights(self, check: bool, readers: list[int] | None = None) -> dict[str, float]:
+        """Trainers stream their weights bucket by bucket; the engines `readers` (default all) load them as they
+        arrive. An engine that dies meanwhile does not hold the trainers (rl.grpo.recovery.stopped_readers) and
+        is replaced after the transfer (which sends it the same weights)."""
+        readers = list(range(len(self.rollouts))) if readers is None else readers
+        self.transfers += 1
+        tid = self.transfers   # the transfer's id in the transport (a re-send to one engine gets its own)
         bucket = self.cfg.sync.bucket_mb
         spec = self.sync_spec()
-        push = [w.push_weights.remote(version, bucket, check) for w in self.trainers]
-        load = [w.load_weights.remote(spec, version, j, check) for j, w in enumerate(self.rollouts)]
+        load = {j: self.rollouts[j].load_weights.remote(spec, tid, j, check) for j in readers}
+        push = [w.push_weights.remote(tid, bucket, check, readers, load if i == 0 else None)
+                for i, w in enumerate(self.trainers)]
         pushed = self._get(push, self.cfg.sync.timeout_s * 2, "weight sync (trainers)")
         sent = dict(pushed[0])
         if self.sync_writers > 1:   # every rank wrote its pieces: bytes add up; sums of the parts, in rank order
@@ -443,13 +520,13 @@ class GRPODriver:
                     for name, v in (r or {}).get("sums", {}).items():
                         sums[name] = sums.get(name, 0.0) + v
                 sent["sums"] = sums
-        got = self._get(load, self.cfg.sync.timeout_s, "weight sync (engines)")
-        self.version = version
-        out = {"perf/sync_load_s": max(g["seconds"] for g in got), "sync/buckets": float(sent["buckets"]),
+        got, dead = gather_loads(self, load, self.cfg.sync.timeout_s)
+        out = {"perf/sync_load_s": max([g["seconds"] for g in got.values()], default=0.0),
+               "sync/buckets": float(sent["buckets"]),
                "sync/mb": sent["bytes"] / 2**20, "perf/sync_gather_s": sent["gather_s"],
                "perf/sync_send_s": sent["send_s"], "perf/sync_finish_s": sent["finish_s"]}
         if check:
-            for j, g in enumerate(got):
+            for j, g in got.items():
                 missing = sorted(set(sent["sums"]) - set(g["sums"]))
                 wrong = [k for k in sent["sums"] if k in g["sums"] and g["sums"][k] != sent["sums"][k]]
                 engine = self._get(self.rollouts[j].engine_param_sums.remote(), 120, "checksum")
@@ -458,6 +535,8 @@ class GRPODriver:
                     raise WeightSyncError(f"rollout worker {j}: synced weights differ from the trainer's: missing "
                                           f"{missing[:5]}, changed in transit {wrong[:5]}, engine mismatch {bad[:5]}")
             out["sync/checksum_ok"] = 1.0
+        for j, why in dead.items():   # the replacement is sent these same weights before it serves
+            replace_rollout(self, j, why)
         return out
 
     # ------------------------------------------------------------------------------------------------ checkpoints
@@ -493,8 +572,8 @@ class GRPODriver:
                 from data.tasks import write_problems_jsonl
 
                 write_problems_jsonl(self.heldout_rows, bench)
-        res = self._get(self.rollouts[0].validate.remote(bench, lc.val_problems, validation_sampling(self.cfg)),
-                        3600, "validation")
+        res = call_rollout(self, 0, "validate", bench, lc.val_problems, validation_sampling(self.cfg),
+                           what="validation")
         name = Path(bench).stem if bench.endswith(".jsonl") else bench
         return {f"val/{name}/{k}": v for k, v in res.items() if not k.endswith(("_low", "_high"))}
 
@@ -511,6 +590,7 @@ class GRPODriver:
         mlog = MetricsLog(self.out, lc.report_to, lc.progress, cfg.trainer.max_steps, start_step, to_dict(cfg),
                           lc.project, lc.run_name)
         result: dict[str, Any] = {}
+        self.mlog, self.start_step, self.start_cursor = mlog, start_step, self.cursor.state()
         try:
             self.start(init_path=str(resume / "hf") if resume else None)
             if resume is not None:
@@ -520,14 +600,12 @@ class GRPODriver:
             if (self.heldout_rows or cfg.log.val_benchmark) and cfg.log.val_every and start_step == 0:
                 mlog.log(0, self.validate())
             while self.step < cfg.trainer.max_steps:
-                metrics = self.train_step()
-                self.step += 1
-                if cfg.log.val_every and self.step % cfg.log.val_every == 0:
-                    metrics.update(self.validate())
-                mlog.log(self.step, metrics)
-                every = cfg.checkpoint.every
-                if (every and self.step % every == 0) or self.step == cfg.trainer.max_steps:
-                    self.save_checkpoint()
+                try:
+                    self._step_log_save(mlog)
+                except WorkerDied as e:   # a trainer died or stalled: restart the group from the last checkpoint
+                    if e.kind != "trainer":
+                        raise
+                    restart_trainers(self, e)   # RecoveryExhausted past trainer.max_restarts
             final = self.out / "final"
             self._get([w.export_hf.remote(str(final), cfg.sync.bucket_mb, True) for w in self.trainers], 3600, "export")
             write_model_card(final, self.card_info())
@@ -549,6 +627,20 @@ class GRPODriver:
             result["hub_url"] = push_to_hub(result["final"], lc.push_to_hub)
             print(f"uploaded {result['final']} to {result['hub_url']}", flush=True)
         return result
+
+    def _step_log_save(self, mlog: MetricsLog) -> None:
+        """One training step, its validation, its metrics line and its checkpoint."""
+        cfg = self.cfg
+        metrics = self.train_step()
+        self.step += 1
+        if cfg.log.val_every and self.step % cfg.log.val_every == 0:
+            metrics.update(self.validate())
+        metrics.update(self.faults.metrics())
+        metrics["fault/reissued_prompts"] = float(self.reissued_prompts)
+        mlog.log(self.step, metrics)
+        every = cfg.checkpoint.every
+        if (every and self.step % every == 0) or self.step == cfg.trainer.max_steps:
+            self.save_checkpoint()
 
     def card_info(self) -> CardInfo:
         """The model card of this run's exports (final and every checkpoint's hf/)."""

@@ -26,6 +26,14 @@ class MetricsLog:
         self._names_printed = False
         self.last: dict[str, float] = {}  # the latest value of every metric: the run's summary
 
+    def rewind(self, step: int) -> None:
+        """A trainer restart from the checkpoint at `step` (rl.grpo.recovery): the steps after it are trained
+        again, so their lines go (the trackers keep what they were sent; TensorBoard shows both)."""
+        self._truncate_after(step)
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+
     def _truncate_after(self, step: int) -> None:
         """On resume, drop lines of steps after the checkpoint, so the stream continues without repeats."""
         if not self.path.exists():

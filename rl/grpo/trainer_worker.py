@@ -338,12 +338,16 @@ class TrainerWorker:
         return getattr(torch, name)
 
     @collective("push_weights")
-    def push_weights(self, version: int, bucket_mb: float, checksum: bool) -> dict[str, Any] | None:
+    def push_weights(self, version: int, bucket_mb: float, checksum: bool, readers: list[int] | None = None,
+                     reader_calls: dict[int, Any] | None = None) -> dict[str, Any] | None:
         """Collective. Stream the policy, cast to the engine's dtype, bucket by bucket through the transport.
         sync.shards=gather: every rank takes part in the all-gathers, rank 0 writes full tensors. local: every
         rank writes its own FSDP pieces, nothing is gathered (rl.grpo.sync.gather.iter_local_shards). Rank 0
         returns the bucket count, bytes and seconds; every writing rank returns the float64 sums of what it
-        wrote when `checksum` (the driver adds them up in rank order)."""
+        wrote when `checksum` (the driver adds them up in rank order). `readers`: the rollout readers this
+        transfer addresses (default all); `reader_calls`: reader -> the Ray ref of its load call, so that writer 0
+        stops waiting for a reader whose call failed (rl.grpo.recovery.stopped_readers)."""
+        from rl.grpo.recovery import stopped_readers
         from rl.grpo.sync import buckets, iter_local_shards, local_buckets, tensor_sums
 
         t0 = time.perf_counter()
@@ -357,6 +361,8 @@ class TrainerWorker:
         else:
             stream = buckets(self._hf_tensors(self._engine_dtype()), size)
         writes = self.rank == 0 or self.local_shards
+        if self.rank == 0 and self.transport is not None:
+            self.transport.begin(readers, stopped_readers(reader_calls) if reader_calls else None)
         while True:
             t = time.perf_counter()
             bucket = next(stream, None)

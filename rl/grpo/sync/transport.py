@@ -13,6 +13,13 @@ sees half a file; each reader marks the buckets it has loaded; the writer delete
 it, and removes the run's directory when it closes. A directory left by a run that was killed is swept by the
 next writer that starts on the same host (its owner process is gone).
 
+Dead receivers and dead writers (rl.grpo.recovery): a transfer may address a subset of the readers (`begin`:
+a replacement engine is loaded alone), and the writer asks a `gone()` callback, at most twice a second while it
+waits, which readers have stopped (on Ray: their load calls ended in an error, the actor died): it stops waiting
+for those, so a killed rollout worker never holds the trainers for `timeout_s`. A reader that waits for a bucket
+checks that the writer's process (owner.json) is alive when it is on the same host, and fails at once when it is
+not; across hosts it fails after `timeout_s`.
+
 Several writers (`writers` > 1, sync.shards=local): every trainer rank writes its own FSDP pieces of bucket k
 (`v..-b..-w<rank>`), nothing is all-gathered; a reader waits for all of a bucket's files and concatenates each
 tensor's pieces on dim 0 in rank order (`rl.grpo.sync.gather.iter_local_shards`). Writer 0 owns the protocol
@@ -28,7 +35,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -80,6 +87,18 @@ class FileTransport:
         self.timeout_s, self.max_inflight = timeout_s, max(1, max_inflight)
         self.collect_sums = False
         self.piece_sums: dict[str, float] = {}
+        self.active: list[int] = list(range(readers))
+        self._owner_seen: dict[int, dict] = {}
+        self.gone: Callable[[], set[int]] = set
+
+    def begin(self, readers: Iterable[int] | None = None, gone: Callable[[], set[int]] | None = None) -> None:
+        """Writer 0, before a transfer: the readers it addresses (default all) and a callback naming readers that
+        stopped (their marks are then not waited for)."""
+        self.active = list(range(self.readers)) if readers is None else sorted(set(readers))
+        bad = [j for j in self.active if not 0 <= j < self.readers]
+        if bad:
+            raise SyncError(f"weight sync: readers {bad} out of range (the transport has {self.readers})")
+        self.gone = gone or set
 
     def spec(self) -> dict:
         """What a reader in another process needs to build its side (plain data: crosses Ray and RPCs)."""
@@ -135,18 +154,22 @@ class FileTransport:
 
     def _wait_consumed(self, version: int, k: int) -> None:
         path = self._bucket(version, k)
-        marks = [path.with_name(path.name + f".r{j}") for j in range(self.readers)]
+        marks = {j: path.with_name(path.name + f".r{j}") for j in self.active}
         deadline = time.monotonic() + self.timeout_s
-        while not all(m.exists() for m in marks):
+        while True:
+            missing = [j for j, m in marks.items() if not m.exists()]
+            if missing:
+                missing = [j for j in missing if j not in self.gone()]   # stopped readers are not waited for
+            if not missing:
+                break
             if time.monotonic() > deadline:
-                missing = [j for j, m in enumerate(marks) if not m.exists()]
                 raise SyncError(f"weight sync v{version}: rollout reader(s) {missing} did not load bucket {k} "
                                 f"within sync.timeout_s={self.timeout_s}s ({path})")
             time.sleep(0.002)
         for w in range(1, self.writers):
             self._bucket(version, k, w).unlink(missing_ok=True)
         path.unlink(missing_ok=True)
-        for m in marks:
+        for m in marks.values():
             m.unlink(missing_ok=True)
 
     def close(self) -> None:
@@ -160,15 +183,24 @@ class FileTransport:
         k = 0
         end = self.dir / f"v{version:06d}.end"
         self.piece_sums = {}
+        try:   # the writer this transfer started with (see _check_writer)
+            self._owner_seen[version] = json.loads((self.dir / "owner.json").read_text())
+        except (OSError, ValueError):
+            pass
         while True:
             paths = [self._bucket(version, k, w) for w in range(self.writers)]
             deadline = time.monotonic() + self.timeout_s
+            next_check = time.monotonic() + 1.0
             while not all(p.exists() for p in paths):
                 if end.exists() and k >= int(end.read_text() or 0):
                     return
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > deadline:
                     raise SyncError(f"weight sync v{version}: reader {reader} waited {self.timeout_s}s for bucket "
                                     f"{k} in {self.dir} (is sync.dir visible to the trainer's node?)")
+                if now > next_check:
+                    next_check = now + 1.0
+                    self._check_writer(version, reader)
                 time.sleep(0.002)
             files = [safe_open(str(p), framework="pt") for p in paths]
             keys = [list(f.keys()) for f in files]
@@ -181,6 +213,19 @@ class FileTransport:
             del files
             paths[0].with_name(paths[0].name + f".r{reader}").touch()
             k += 1
+
+
+    def _check_writer(self, version: int, reader: int) -> None:
+        """Fail at once when the writer (trainer rank 0) is a dead process of this host, or was replaced by a
+        restarted trainer group (owner.json names another process than when this transfer started)."""
+        try:
+            info = json.loads((self.dir / "owner.json").read_text())
+        except (OSError, ValueError):
+            return
+        first = self._owner_seen.setdefault(version, info)
+        if info != first or (info.get("host") == socket.gethostname() and not _pid_alive(int(info.get("pid", -1)))):
+            raise SyncError(f"weight sync v{version}: reader {reader}: the writer (trainer rank 0, pid "
+                            f"{first.get('pid')}) died while bucket files were expected in {self.dir}")
 
 
 TRANSPORTS = {"file": FileTransport}
