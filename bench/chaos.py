@@ -7,10 +7,12 @@ Faults, all real (processes are signalled from outside, files damaged on disk; n
   4. SIGKILL of a trainer worker in its update: the restart must skip the damaged step-8 checkpoint
   5. SIGSTOP of a trainer worker in its update: a stalled collective (trainer.collective_timeout_s=30)
                                                                  (after step 14 of the restarted stream)
-  6. a reward plugin that fails transiently on 20% of its calls, for the whole run (reward.retries=8)
+  6. SIGSTOP of the rollout worker while it generates: a hung engine (resources.health_timeout_s=20)
+                                                                 (after step 17)
+  7. a reward plugin that fails transiently on 20% of its calls, for the whole run (reward.retries=8)
 The run must finish by itself. Printed: each fault with its recovery time, the held-out accuracy of both runs
-(pass@1 over 64 problems x 4 samples at step 20), how far apart their final weights are, and last `survived=N/N lost_samples=M` (a sample is lost when
-a trained group has fewer than rollout.n samples).
+(pass@1 over 64 problems x 4 samples at steps 0 and 20), how far apart their final weights are, and last
+`survived=N/N lost_samples=M` (a sample is lost when a trained group has fewer than rollout.n samples).
 
   .venv/bin/python bench/chaos.py [--out runs/chaos]
 """
@@ -53,11 +55,16 @@ def _procs(title: str) -> list[int]:
 
 
 def _last_step(out: Path) -> int:
+    """The step of the last complete line of metrics.jsonl (a line being appended is skipped)."""
     path = out / "metrics.jsonl"
     if not path.exists():
         return 0
-    lines = path.read_text().splitlines()
-    return json.loads(lines[-1])["step"] if lines else 0
+    for line in reversed(path.read_text().splitlines()):
+        try:
+            return json.loads(line)["step"]
+        except ValueError:
+            continue
+    return 0
 
 
 def _damage_newest(ckpts: Path) -> str:
@@ -80,14 +87,20 @@ class Injector(threading.Thread):
                      (6, "rollout kill (loading a weight sync)", self._kill, "ray::RolloutWorker.load_weights"),
                      (9, "damaged newest checkpoint + trainer kill (update)", self._damage_and_kill,
                       "ray::TrainerWorker.update"),
-                     (14, "stalled collective (trainer SIGSTOP in update)", self._sigstop, "ray::TrainerWorker.update")]
+                     (14, "stalled collective (trainer SIGSTOP in update)", self._sigstop, "ray::TrainerWorker.update"),
+                     (17, "hung rollout worker (SIGSTOP while generating)", self._sigstop,
+                      "ray::RolloutWorker.rollout")]
+
+    @staticmethod
+    def _signal(title: str, sig: int, done: str) -> str | None:
+        pids = _procs(title)
+        if not pids:
+            return None
+        os.kill(pids[0], sig)
+        return f"pid {pids[0]} {done}"
 
     def _kill(self, title: str) -> str | None:
-        pids = _procs(title)
-        if pids:
-            os.kill(pids[0], signal.SIGKILL)
-            return f"pid {pids[0]}"
-        return None
+        return self._signal(title, signal.SIGKILL, "killed")
 
     def _damage_and_kill(self, title: str) -> str | None:
         if not _procs(title):
@@ -96,11 +109,7 @@ class Injector(threading.Thread):
         return f"{where} damaged; " + (self._kill(title) or "no process")
 
     def _sigstop(self, title: str) -> str | None:
-        pids = _procs(title)
-        if pids:
-            os.kill(pids[0], signal.SIGSTOP)
-            return f"pid {pids[0]} stopped"
-        return None
+        return self._signal(title, signal.SIGSTOP, "stopped")
 
     def run(self) -> None:
         k = 0
@@ -150,11 +159,12 @@ def run(out: Path, base: Path, faults: bool) -> tuple[dict, list[dict], object, 
     shutil.rmtree(out, ignore_errors=True)
     reward = "chaos:flaky_accuracy" if faults else "accuracy"   # this file, imported by module name
     cfg = load_config(GRPOConfig, str(ROOT / "configs/tiny_grpo.yaml"), [
-        f"model.path={base}", "trainer.max_steps=20", "checkpoint.every=4", "checkpoint.keep=3",
+        f"model.path={base}", "trainer.max_steps=20", "trainer.lr=1e-4", "trainer.warmup_steps=3", "checkpoint.every=4", "checkpoint.keep=3",
         f"log.output_dir={out}", "log.progress=false", "log.val_every=20", "log.val_problems=64",
         "log.val_samples=4", "resources.ray_address=local", f"reward.functions=[{reward}, format]",
         "reward.weights=[1.0, 0.1]", "reward.retries=8", "reward.retry_backoff_s=0.05", "sync.timeout_s=20",
         "trainer.collective_timeout_s=30", "sync.checksum_every=5", "rollout.max_restarts=3",
+        "resources.health_timeout_s=20",
         "trainer.max_restarts=3"])
     inj = Injector(out)
     if faults:
@@ -196,11 +206,13 @@ def main() -> None:
     acc = lambda rows: next((v for r in reversed(rows) for k, v in r.items() if k.endswith("pass@1")), float("nan"))
     kinds = [f.kind for f in faults.faults if f.recovery_s >= 0]
     stalled = any("did not arrive" in f.cause or "collective" in f.cause for f in faults.faults)
+    hung = any(f.kind == "rollout" and "hung" in f.cause and f.recovery_s >= 0 for f in faults.faults)
     checks = {"rollout kill (generating)": kinds.count("rollout") >= 1,
               "rollout kill (weight sync)": kinds.count("rollout") >= 2,
               "damaged newest checkpoint": bool(damaged),
               "trainer kill": kinds.count("trainer") >= 1,
               "stalled collective": stalled and kinds.count("trainer") >= 2,
+              "hung rollout worker": hung,
               "flaky reward": retries > 0 and failed == 0.0}
     print(f"== steps logged {steps == list(range(1, 21))} ({len(steps)} lines), damaged set aside: {damaged}, "
           f"reward retries {retries:.0f}, max reward failed_frac {failed:.3f}")
