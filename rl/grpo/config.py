@@ -55,7 +55,7 @@ class RolloutConfig:
                                     "sync is re-quantized in the engine (rl.rollout.quantization). Pair it with "
                                     "algo.rollout_correction (README: Quantized rollout)",
                             choices=["none", "int8", "fp8"])
-    max_restarts: int = opt(3, "rollout workers that die (process killed, node lost, engine crash) or hang past "
+    max_restarts: int = opt(3, "rollout workers that die (process killed, out of memory, engine crash) or hang past "
                                "resources.health_timeout_s are replaced in the same placement, loaded with the "
                                "current policy (checksum-verified) and given the lost prompts again, at most this "
                                "many times per run (rl.grpo.recovery); 0 = stop at the first failure")
