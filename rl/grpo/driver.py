@@ -252,7 +252,7 @@ class GRPODriver:
 
         return PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle)
 
-    def make_rollout(self, j: int, seed_offset: int = 0):
+    def make_rollout(self, j: int):
         """Rollout worker j in its bundle, starting from the run's initial weights (not waited for)."""
         import ray
 
@@ -260,7 +260,7 @@ class GRPODriver:
 
         b, opts = self.plan.rollout[j]
         return ray.remote(RolloutWorker).options(scheduling_strategy=self._strategy(b), **opts).remote(
-            self.init_path, self.cfg, self.cfg.trainer.seed + 17 * j + seed_offset, _import_path())
+            self.init_path, self.cfg, self.cfg.trainer.seed + 17 * j, _import_path())
 
     def start_trainers(self, also: list[Any] = ()) -> list[dict]:
         """The trainer group in its bundles, with a fresh rendezvous port; waits until it (and `also`) is ready.
@@ -295,15 +295,17 @@ class GRPODriver:
         from ray.exceptions import GetTimeoutError
 
         try:
-            if isinstance(refs, list) and len(refs) > 1:
-                deadline = time.monotonic() + timeout
-                pending = list(refs)
-                while pending:
-                    done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-                    if not done:
-                        raise GetTimeoutError(f"{what}: {len(pending)} call(s) not back within {timeout:g}s")
-                    ray.get(done)   # raises the first failure now
-            return ray.get(refs, timeout=timeout)
+            if not (isinstance(refs, list) and len(refs) > 1):
+                return ray.get(refs, timeout=timeout)
+            deadline = time.monotonic() + timeout
+            got: dict[Any, Any] = {}
+            pending = list(refs)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+                if not done:
+                    raise GetTimeoutError(f"{what}: {len(pending)} call(s) not back within {timeout:g}s")
+                got[done[0]] = ray.get(done[0])   # raises the first failure now
+            return [got[r] for r in refs]
         except Exception as e:
             self._raise_worker_error(e, what)
 

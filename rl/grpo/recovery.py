@@ -23,11 +23,12 @@ What it implements (issue 27; the driver calls it, `rl.grpo.driver` stays orches
   `fault/lost_steps` (totals) and `fault/recovery_s` (time spent recovering since the previous step's metrics).
   Past a budget the run stops with `RecoveryExhausted`, which lists the whole history.
 
-Not survived (README "Failures and recovery"): the driver's own death (a job's driver that dies ends the job:
-resubmit with checkpoint.resume=auto); a trainer bundle that never comes back (no shrinking to fewer workers
-inside the job: after resources.wait_s the run stops, naming the resources; a resubmit with fewer
-trainer.num_workers reshards); a weight load that hangs without dying (the writer's SyncError after
-sync.timeout_s names the reader and stops the run).
+Not survived (README "Failures and recovery"): a lost node (a simulated one left a trainer restart waiting for
+its bundle); the driver's own death (a job's driver that dies ends the job: resubmit with
+checkpoint.resume=auto); a trainer bundle that never comes back (no shrinking to fewer workers inside the job:
+the restart waits start-up's 900 s, then stops naming the resources; a resubmit with fewer trainer.num_workers
+reshards); a weight load that hangs without dying (the writer's SyncError after sync.timeout_s names the reader
+and stops the run).
 """
 from __future__ import annotations
 
@@ -169,7 +170,7 @@ def replace_rollout(d, j: int, cause: str) -> None:
         ray.kill(d.rollouts[j], no_restart=True)
     except Exception:
         pass
-    d.rollouts[j] = d.make_rollout(j, seed_offset=7919 * len(d.faults.faults))
+    d.rollouts[j] = d.make_rollout(j)   # sampling is reseeded per call: the engine's own seed does not matter
     try:
         wait_ready([d.rollouts[j].ready.remote()], [f"rollout worker {j} (replacement)"], d.cfg.resources.wait_s,
                    f"replacing rollout worker {j}")
@@ -222,12 +223,10 @@ def call_rollout(d, j: int, method: str, *args, timeout_s: float = 3600.0, what:
     import ray
     from ray.exceptions import RayActorError
 
-    worker = d.rollouts[j]
     try:
-        return ray.get(getattr(worker, method).remote(*args), timeout=timeout_s)
+        return ray.get(getattr(d.rollouts[j], method).remote(*args), timeout=timeout_s)
     except RayActorError as e:
-        if worker is d.rollouts[j]:
-            replace_rollout(d, j, f"rollout worker {j} died during {what or method} ({type(e).__name__})")
+        replace_rollout(d, j, f"rollout worker {j} died during {what or method} ({type(e).__name__})")
         return d._get(getattr(d.rollouts[j], method).remote(*args), timeout_s, what or method)
     except Exception as e:
         d._raise_worker_error(e, what or method)

@@ -214,7 +214,6 @@ class FileTransport:
             paths[0].with_name(paths[0].name + f".r{reader}").touch()
             k += 1
 
-
     def _check_writer(self, version: int, reader: int) -> None:
         """Fail at once when the writer (trainer rank 0) is a dead process of this host, or was replaced by a
         restarted trainer group (owner.json names another process than when this transfer started)."""
