@@ -10,9 +10,10 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from datasets import Dataset
+if TYPE_CHECKING:                      # `datasets` takes ~2 s to import: launchers check their input first
+    from datasets import Dataset
 
 from data.prompts import build_messages
 
@@ -54,6 +55,8 @@ def load_rows(source: str | os.PathLike, *, split: str = "train") -> tuple[list[
                 raise DataError(f"{path}: expected a JSON list of objects")
             return data, str(path), None
         if suffix == ".parquet":
+            from datasets import Dataset
+
             return Dataset.from_parquet(str(path)).to_list(), str(path), None
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
     if not _looks_like_hub(source):
@@ -118,6 +121,8 @@ def load_dataset(source: str | os.PathLike, *, split: str = "train", required: S
             r["answer"] = _answer_text(r["answer"])
         if add_prompt and "prompt" not in r and "problem" in r:
             r["prompt"] = build_messages(str(r["problem"]))
+    from datasets import Dataset
+
     return Dataset.from_list(rows)
 
 

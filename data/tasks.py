@@ -17,9 +17,10 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from datasets import Dataset
+if TYPE_CHECKING:                      # imported where used: `datasets` takes ~2 s, launchers check input first
+    from datasets import Dataset
 
 from data.prompts import build_messages
 
@@ -192,6 +193,8 @@ def make_task(name: str, n: int, *, split: str = "train", seed: int = 0, heldout
         row["task"] = name
         row["prompt"] = build_messages(row["problem"])
         rows.append(row)
+    from datasets import Dataset
+
     return Dataset.from_list(rows)
 
 

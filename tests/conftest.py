@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,50 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("R1LAB_CACHE_DIR", str(REPO / ".cache" / "r1lab"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():   # the shared instance of `ray_local`
+        sys.modules["ray"].shutdown()
+
+
+@pytest.fixture
+def ray_local():
+    """A local Ray instance shared by the tests that run the GRPO driver in this process: the driver joins an
+    initialised Ray and leaves it running, which saves ~9 s of start and shutdown per run. Tests that need a Ray
+    of another shape (logical GPUs, a simulated cluster) shut it down first; the next user starts it again."""
+    import ray
+
+    if not ray.is_initialized():
+        env = {"env_vars": {k: os.environ[k] for k in ("R1LAB_CACHE_DIR", "PYTHONPATH") if k in os.environ}}
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, runtime_env=env,
+                 log_to_driver=True)
+
+
+@contextmanager
+def build_lock(path: Path):
+    """An exclusive lock beside a cached build, so that two test runs at once (make test beside make
+    test-slow) build it once."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def cached_sft(out: Path, config: str | None, overrides: list[str]) -> Path:
+    """An SFT run into `out` (under the cache), done once per cache; returns its export."""
+    with build_lock(out):
+        if not (out / "summary.json").exists():
+            from rl.config import load_config
+            from rl.sft.config import SFTStageConfig
+            from rl.sft.train import run_sft
+
+            run_sft(load_config(SFTStageConfig, config, overrides + [f"output_dir={out}", "train.resume=never"]))
+    return out / "final"
 
 
 @pytest.fixture(scope="session")
@@ -50,15 +95,9 @@ def tiny_sft(tiny):
     import hashlib
     import json
 
-    from rl.config import load_config
-    from rl.sft.config import SFTStageConfig
-    from rl.sft.train import run_sft
-
     key = hashlib.sha256(json.dumps(SFT_OVERRIDES).encode() + tiny.qwen2.name.encode()).hexdigest()[:12]
     out = Path(os.environ["R1LAB_CACHE_DIR"]) / "sft" / key
-    if not (out / "summary.json").exists():
-        cfg = load_config(SFTStageConfig, None, SFT_OVERRIDES + [f"output_dir={out}", "train.resume=never"])
-        run_sft(cfg)
+    cached_sft(out, None, SFT_OVERRIDES)
     return out / "final", json.loads((out / "summary.json").read_text())
 
 
@@ -79,14 +118,5 @@ def write_heldout(path: Path, n: int = 128, **knobs) -> str:
 def weak_sft(tiny):
     """A tiny Qwen2 after a *short* cold start (30 SFT steps): it half-follows the R1 format, so GRPO has
     something to learn within a few dozen steps on CPU."""
-    from rl.config import load_config
-    from rl.sft.config import SFTStageConfig
-    from rl.sft.train import run_sft
-
-    out = Path(os.environ["R1LAB_CACHE_DIR"]) / "sft" / f"weak-{tiny.qwen2.name}"
-    if not (out / "summary.json").exists():
-        cfg = load_config(SFTStageConfig, "configs/tiny_sft.yaml",
-                          [f"output_dir={out}", "train.max_steps=30", "train.lr_schedule=constant",
-                           "train.resume=never"])
-        run_sft(cfg)
-    return out / "final"
+    return cached_sft(Path(os.environ["R1LAB_CACHE_DIR"]) / "sft" / f"weak-{tiny.qwen2.name}", "configs/tiny_sft.yaml",
+                      ["train.max_steps=30", "train.lr_schedule=constant"])

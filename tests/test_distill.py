@@ -185,7 +185,7 @@ def test_traces_dataset_has_provenance_and_acceptance_rate(tiny_sft, vllm_engine
 
 
 @pytest.mark.slow  # a learning run: `make test-slow` (fast tier budget, issue 25)
-def test_on_policy_distillation_lowers_reverse_kl_to_the_teacher(weak_sft, tiny_sft, tmp_path):
+def test_on_policy_distillation_lowers_reverse_kl_to_the_teacher(weak_sft, tiny_sft, tmp_path, ray_local):
     """Pure on-policy distillation (rule rewards weighted 0): the student samples, the teacher scores the sampled
     tokens, and the per-token reverse KL to the teacher falls."""
     from rl.grpo.config import GRPOConfig

@@ -13,6 +13,7 @@ from rl.grpo.placement import InsufficientResources
 def test_a_run_that_cannot_fit_fails_at_once_naming_the_shortfall(tmp_path):
     import ray
 
+    ray.shutdown()   # the session's shared instance (conftest.ray_local), if one runs: this test needs its own
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", ["resources.ray_address=auto", "resources.trainer_cpus=1",

@@ -27,7 +27,7 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def test_grpo_learns_syncs_and_exports(weak_sft, tmp_path, vllm_engine):
+def test_grpo_learns_syncs_and_exports(weak_sft, tmp_path, vllm_engine, ray_local):
     cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", [
         f"model.path={weak_sft}", "trainer.max_steps=24", "trainer.lr=0.001",
         "reward.functions=[accuracy, format, plugins_for_tests:raises]", "reward.weights=[1.0, 0.5, 0.0]",
@@ -72,7 +72,7 @@ def test_grpo_learns_syncs_and_exports(weak_sft, tmp_path, vllm_engine):
 @pytest.mark.slow  # a learning run: `make test-slow` (fast tier budget, issue 25)
 @pytest.mark.parametrize("loss,extra", [("gspo", ["algo.loss_agg=seq_mean_token_mean", "trainer.lr=0.001"]),
                                         ("cispo", ["trainer.lr=0.0005"])])
-def test_gspo_and_cispo_learn(loss, extra, weak_sft, tmp_path):
+def test_gspo_and_cispo_learn(loss, extra, weak_sft, tmp_path, ray_local):
     """Each policy loss at its paper's clip range (null: the loss's own default), with two mini-batches per step
     so that the second one is off-policy and the clipping acts: reward rises. CISPO has no trust region, so it
     gets half the learning rate: at 1e-3 the second mini-batch's unclipped step wrecks the tiny model's format
@@ -92,7 +92,7 @@ def test_gspo_and_cispo_learn(loss, extra, weak_sft, tmp_path):
 
 
 @pytest.mark.slow  # the fast tier restarts killed workers in tests/test_recovery.py (issue 25's budget)
-def test_dead_worker_stops_with_clear_error_and_intact_checkpoint(tmp_path):
+def test_dead_worker_stops_with_clear_error_and_intact_checkpoint(tmp_path, ray_local):
     import ray
 
     cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", [
@@ -180,7 +180,7 @@ def test_kill_and_resume_continues_exactly_across_trainer_counts(tmp_path, back_
     assert rows[0]["actor/kl"] == pytest.approx(0.0, abs=1e-6) and rows[-1]["actor/kl"] > 0
 
 
-def test_bf16_run_checksums_and_a_failing_reward_stops_it(tmp_path):
+def test_bf16_run_checksums_and_a_failing_reward_stops_it(tmp_path, ray_local):
     """bf16 compute at lr 1e-6: the engines run the bf16 cast of the fp32 masters (checksums every step), and
     a reward function failing on 30% of the items is excluded from training and stops the run at step 3."""
     from rl.grpo.rewards_check import RewardFailureError
@@ -200,7 +200,7 @@ def test_bf16_run_checksums_and_a_failing_reward_stops_it(tmp_path):
         assert "grader fell over" in r["reward/example"]
 
 
-def test_lora_grpo_syncs_merged_weights(tmp_path):
+def test_lora_grpo_syncs_merged_weights(tmp_path, ray_local):
     cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", [
         "model.lora_r=8", "model.lora_alpha=16", "trainer.max_steps=4", "trainer.lr=0.01",
         "reward.functions=[plugins_for_tests:ones]", "reward.weights=[1.0]", "sync.checksum_every=1",

@@ -248,7 +248,7 @@ def test_trainer_packed_and_sequence_parallel_updates_equal_padded(tiny, tmp_pat
 
 
 @pytest.mark.slow  # a learning run: `make test-slow` (fast tier budget, issue 25)
-def test_grpo_with_packing_and_two_sequence_parallel_ranks_learns(weak_sft, tmp_path):
+def test_grpo_with_packing_and_two_sequence_parallel_ranks_learns(weak_sft, tmp_path, ray_local):
     """GRPO on Ray with packed micro-batches split over two sequence-parallel trainer workers (one data-parallel
     group): the engine runs the trainer's weights (log-prob check), nothing is padded, and reward rises."""
     from rl.config import load_config

@@ -294,20 +294,14 @@ def weak_sft_moe(tiny):
     format, so GRPO has something to learn within a few steps on CPU."""
     import os
 
-    from rl.sft.config import SFTStageConfig
-    from rl.sft.train import run_sft
+    from conftest import cached_sft
 
-    out = Path(os.environ["R1LAB_CACHE_DIR"]) / "sft" / "weak-moe-qwen3_moe-20"
-    if not (out / "summary.json").exists():
-        cfg = load_config(SFTStageConfig, "configs/tiny_sft.yaml",
-                          ["model.path=tiny:qwen3_moe", f"output_dir={out}", "train.max_steps=20",
-                           "train.lr_schedule=constant", "train.resume=never"])
-        run_sft(cfg)
-    return out / "final"
+    return cached_sft(Path(os.environ["R1LAB_CACHE_DIR"]) / "sft" / "weak-moe-qwen3_moe-20", "configs/tiny_sft.yaml",
+                      ["model.path=tiny:qwen3_moe", "train.max_steps=20", "train.lr_schedule=constant"])
 
 
 @pytest.mark.slow  # a learning run on Ray: `make test-slow` (fast tier budget, issue 25)
-def test_grpo_with_r3_learns_on_a_tiny_moe(weak_sft_moe, tmp_path):
+def test_grpo_with_r3_learns_on_a_tiny_moe(weak_sft_moe, tmp_path, ray_local):
     """GRPO on Ray (vLLM CPU engine recording its routing, FSDP2 trainers replaying it): the engine and trainer
     agree on the log-probs, the routing agreement is logged every step, and the reward rises."""
     from rl.grpo.driver import GRPODriver

@@ -49,6 +49,7 @@ def test_colocated_trainer_and_rollout_actors_share_a_logical_gpu():
 
     from rl.grpo.placement import cluster_nodes
 
+    ray.shutdown()   # the session's shared instance (conftest.ray_local), if one runs: this test needs its own
     ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False)
     try:
         @ray.remote

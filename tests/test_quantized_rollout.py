@@ -166,7 +166,7 @@ def test_int8_engine_generates_and_takes_synced_weights(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_grpo_with_int8_rollout_passes_its_checks(tmp_path):
+def test_grpo_with_int8_rollout_passes_its_checks(tmp_path, ray_local):
     """Three GRPO steps with an int8 engine on Ray: every sync checksum-checked, the step-1 log-prob check at
     the int8 tolerance, and the correction's metrics logged."""
     from rl.config import load_config

@@ -112,6 +112,7 @@ def test_two_node_run_survives_a_killed_rollout_worker_and_a_killed_trainer_work
     from rl.grpo.driver import GRPODriver
 
     out = tmp_path / "run"
+    ray.shutdown()   # the session's shared instance (conftest.ray_local), if one runs: this test needs its own
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     cluster.add_node(num_cpus=2)
     ray.init(address=cluster.address)
@@ -158,7 +159,7 @@ def _final_weights(path: Path) -> dict:
 
 
 @pytest.mark.slow  # three 6-step runs (~4 min)
-def test_a_trainer_restart_ends_where_an_uninterrupted_run_ends(tmp_path):
+def test_a_trainer_restart_ends_where_an_uninterrupted_run_ends(tmp_path, ray_local):
     """Two uninterrupted runs with the same seed, and one whose trainer worker is SIGKILLed in step 5's update
     (restart from the step-4 checkpoint): the restarted run's final weights differ from the first run's by no
     more than the second run's do. Rollouts are reseeded per step and worker (rl.grpo.driver.rollout_seed), and

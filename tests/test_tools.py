@@ -247,21 +247,16 @@ def tool_sft(tiny):
     import os
     from pathlib import Path
 
-    from rl.config import load_config
-    from rl.sft.config import SFTStageConfig
-    from rl.sft.train import run_sft
+    from conftest import cached_sft
 
-    out = Path(os.environ["R1LAB_CACHE_DIR"]) / "sft" / f"tool-{tiny.qwen2.name}"
-    if not (out / "summary.json").exists():
-        knobs = json.dumps({"min_digits": 3, "max_digits": 3, "ops": "*", "tool": True})
-        run_sft(load_config(SFTStageConfig, "configs/tiny_sft.yaml", [
-            f"output_dir={out}", "train.max_steps=150", "data.source=synthetic:arithmetic",
-            f"data.task_knobs={knobs}", "data.num_train=3000", "train.resume=never"]))
-    return out / "final"
+    knobs = json.dumps({"min_digits": 3, "max_digits": 3, "ops": "*", "tool": True})
+    return cached_sft(Path(os.environ["R1LAB_CACHE_DIR"]) / "sft" / f"tool-{tiny.qwen2.name}", "configs/tiny_sft.yaml",
+                      ["train.max_steps=150", "data.source=synthetic:arithmetic", f"data.task_knobs={knobs}",
+                       "data.num_train=3000"])
 
 
 @needs_sandbox
-def test_grpo_with_tool_calls_trains_on_sampled_tokens_only(tool_sft, tmp_path):
+def test_grpo_with_tool_calls_trains_on_sampled_tokens_only(tool_sft, tmp_path, ray_local):
     """Ray end to end: the rollout worker runs the policy's code in the sandbox mid-response; the trainer's
     log-probs match the engine's on every sampled token (inserted output tokens have no engine log-prob: were
     they not masked, the step-1 check would see a difference of several nats and stop); in-loop validation

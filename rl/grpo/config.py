@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from rl.config import DataConfig, LogSection, PolicyModelConfig, opt, require, require_known_rewards
-from rl.moe.replay import DEFAULT_AUX_COEF
+from rl.moe import DEFAULT_AUX_COEF
 
 
 @dataclass

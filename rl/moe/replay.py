@@ -83,8 +83,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rl.moe import DEFAULT_AUX_COEF  # noqa: F401  (re-exported: defined beside the package, torch-free)
+
 MODES = ("off", "record", "replay")
-DEFAULT_AUX_COEF = 0.0
 
 
 class RoutingError(ValueError):
