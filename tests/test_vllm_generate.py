@@ -52,3 +52,16 @@ def test_streamed_groups_have_every_sample_and_temperature_logprobs(vllm_engine,
         logits = model(torch.tensor([prompts[1] + s.token_ids])).logits[0, len(prompts[1]) - 1:-1]
     at_t = torch.log_softmax(logits.float() / 0.6, -1).gather(-1, torch.tensor(s.token_ids)[:, None])[:, 0]
     assert torch.allclose(at_t, torch.tensor(s.logprobs), atol=1e-3)
+
+
+def test_the_engine_counts_token_ranks_eagerly_and_exactly(vllm_engine):
+    """rl.rollout.vllm_cpu_fixes fix 4: the engine's sampler uses the eager rank count (no inductor compile at
+    the first generate), and it counts ranks as vLLM's compiled `(x >= v).sum(-1)` does, ties included."""
+    from rl.rollout.vllm_cpu_fixes import _count_at_least
+
+    assert vllm_engine.collective_rpc("r1lab_rank_count_is_eager") == [True]   # in the engine's worker process
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-5, 5, (7, 50), generator=g).float()      # many ties
+    v = x[:, 3:4].clone()
+    slow = torch.tensor([sum(float(a) >= float(b) for a in row) for row, b in zip(x, v[:, 0])])
+    assert torch.equal(_count_at_least(x, v), slow)
