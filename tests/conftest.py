@@ -27,10 +27,11 @@ def ray_local():
     of another shape (logical GPUs, a simulated cluster) shut it down first; the next user starts it again."""
     import ray
 
+    from rl.grpo.driver import ray_runtime_env
+
     if not ray.is_initialized():
-        env = {"env_vars": {k: os.environ[k] for k in ("R1LAB_CACHE_DIR", "PYTHONPATH") if k in os.environ}}
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, runtime_env=env,
-                 log_to_driver=True)
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+                 runtime_env=ray_runtime_env(), log_to_driver=True)
 
 
 @contextmanager
@@ -96,9 +97,8 @@ def tiny_sft(tiny):
     import json
 
     key = hashlib.sha256(json.dumps(SFT_OVERRIDES).encode() + tiny.qwen2.name.encode()).hexdigest()[:12]
-    out = Path(os.environ["R1LAB_CACHE_DIR"]) / "sft" / key
-    cached_sft(out, None, SFT_OVERRIDES)
-    return out / "final", json.loads((out / "summary.json").read_text())
+    final = cached_sft(Path(os.environ["R1LAB_CACHE_DIR"]) / "sft" / key, None, SFT_OVERRIDES)
+    return final, json.loads((final.parent / "summary.json").read_text())
 
 
 @pytest.fixture(scope="session")

@@ -143,6 +143,12 @@ def check_moe_config(cfg: GRPOConfig, hf_config) -> None:
                               "set algo.routing_replay=off, rollout.return_routed_experts=false, algo.moe_aux_coef=0")
 
 
+def ray_runtime_env() -> dict:
+    """The runtime environment every Ray instance the driver starts or joins gets: the tiny-model cache and the
+    import path of the submitting shell (reward plugins), so that actors resolve what the driver resolves."""
+    return {"env_vars": {k: os.environ[k] for k in ("R1LAB_CACHE_DIR", "PYTHONPATH") if k in os.environ}}
+
+
 class GRPODriver:
     def __init__(self, cfg: GRPOConfig) -> None:
         from transformers import AutoTokenizer
@@ -191,7 +197,7 @@ class GRPODriver:
 
         if ray.is_initialized():
             return
-        env = {"env_vars": {k: os.environ[k] for k in ("R1LAB_CACHE_DIR", "PYTHONPATH") if k in os.environ}}
+        env = ray_runtime_env()
         addr = self.cfg.resources.ray_address
         # a private local instance exists only for this run: it offers at least the logical CPUs the run asks for
         need = sum(b.get("CPU", 0.0) for b in plan_placement(self.cfg).bundles)
