@@ -4,6 +4,7 @@ worker is SIGKILLed mid-generation and whose trainer worker is SIGKILLed mid-upd
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -33,6 +34,38 @@ def test_fault_log_budgets_metrics_and_history():
     with pytest.raises(RecoveryExhausted, match="rollout.max_restarts=1"):
         log.admit("rollout", 0, "again", 6)
     assert any("recovering (rollout restart 1 of 1)" in s for s in lines)
+
+
+def test_a_trainer_restart_closes_the_failures_it_interrupted():
+    lines = []
+    log = FaultLog(max_rollout=3, max_trainer=3, log=lambda *a, **k: lines.append(a[0]))
+    open_one = log.admit("rollout", 1, "rollout worker 1 died while generating", 3)   # its replacement's load ...
+    restart = log.admit("trainer", 1, "trainer worker 1 died during weight sync", 3)  # ... broken off by this
+    log.absorb(restart)
+    log.done(restart, 4.0)
+    assert open_one.recovery_s == 0.0 and restart.recovery_s == 4.0
+    assert log.metrics()["fault/restarts"] == 2.0 and "(not recovered)" not in log.history()
+    assert "[r1lab] step 3: the rollout failure is recovered with the trainer restart" in lines
+
+
+def test_recover_restarts_again_when_the_restart_fails_the_same_way(monkeypatch):
+    from rl.grpo import recovery
+
+    calls = []
+
+    def restart(d, err):
+        calls.append(err.kind)
+        if len(calls) == 1:   # e.g. the node the group restarted on is declared dead meanwhile
+            raise recovery.WorkerDied("trainer worker 0 died during start-up", "trainer", 0)
+
+    monkeypatch.setattr(recovery, "restart_trainers", restart)
+    recovery.recover(None, recovery.NodeLost("rollout worker 1's node is gone"))
+    assert calls == ["node", "trainer"]
+    for err in (recovery.WorkerDied("rollout worker 0 died", "rollout", 0),
+                recovery.RecoveryExhausted("trainer.max_restarts=2 restarts already used", "trainer", 1)):
+        with pytest.raises(type(err)):
+            recovery.recover(None, err)
+    assert len(calls) == 2
 
 
 def _write(t: FileTransport, version: int, n: int, readers, gone):
@@ -158,6 +191,70 @@ def _final_weights(path: Path) -> dict:
     return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
+def test_a_rollout_worker_whose_node_is_gone_ends_in_node_lost(monkeypatch):
+    """Its bundle not placed again within resources.wait_s: NodeLost (the driver re-places the run), with the
+    rollout failure recorded as handled."""
+    from types import SimpleNamespace as NS
+
+    from rl.grpo import placement, recovery
+
+    asked = []
+    monkeypatch.setattr(placement, "wait_for_bundles", lambda pg, b, t, what, **k: asked.append((b, t)) or set())
+    d = NS(cfg=NS(resources=NS(wait_s=7.0)), faults=FaultLog(5, 5, log=lambda *a, **k: None), step=4, pg=None,
+           rollouts=["engine 0", "engine 1"], plan=NS(rollout=[(2, {}), (3, {})]))
+    with pytest.raises(recovery.NodeLost, match=r"rollout worker 1's node is gone: its bundle 3 found no other "
+                                                r"node within resources.wait_s=7s") as e:
+        recovery.replace_rollout(d, 1, "rollout worker 1 died while generating (ActorDiedError)")
+    assert e.value.kind == "node" and asked == [([3], 7.0)]
+    f = d.faults.faults[-1]
+    assert (f.kind, f.worker, f.step) == ("rollout", 1, 5) and f.recovery_s >= 0
+
+
+def test_shrink_plan_keeps_the_placed_workers_in_a_renumbered_group():
+    from types import SimpleNamespace as NS
+
+    from rl.grpo.placement import InsufficientResources, plan_placement, shrink_plan
+
+    def cfg(nt, nr, colocate=False):
+        return NS(resources=NS(trainer_cpus=2.0, trainer_gpus=1.0, rollout_cpus=1.0, rollout_gpus=1.0,
+                               colocate=colocate, rollout_gpu_share=0.3, placement_strategy="SPREAD"),
+                  trainer=NS(num_workers=nt), rollout=NS(num_workers=nr))
+
+    p = plan_placement(cfg(4, 2))                    # bundles 0-3 trainers, 4-5 rollout workers
+    s = shrink_plan(p, {0, 1, 3, 5}, sequence_parallel=2, min_trainers=1, min_rollouts=1)
+    assert s.bundles == [p.bundles[0], p.bundles[1], p.bundles[5]] and s.strategy == "SPREAD"
+    assert s.trainer == [(0, p.trainer[0][1]), (1, p.trainer[1][1])]   # 3 placed, cut to a multiple of 2
+    assert s.rollout == [(2, p.rollout[1][1])]
+    s = shrink_plan(p, {0, 1, 2, 3, 4, 5}, 1, 4, 2)                     # nothing lost: the same plan
+    assert (s.bundles, s.trainer, s.rollout) == (p.bundles, p.trainer, p.rollout)
+    with pytest.raises(InsufficientResources, match=r"1 of the 4 trainer workers lost their node.*2 worker\(s\) "
+                                                    r"would be left.*< trainer.min_workers=3"):
+        shrink_plan(p, {0, 1, 3, 4, 5}, 2, 3, 1)
+    with pytest.raises(InsufficientResources, match=r"1 of the 2 rollout workers lost.*1 left < "
+                                                    r"rollout.min_workers=2"):
+        shrink_plan(p, {0, 1, 2, 3, 5}, 1, 1, 2)
+    c = plan_placement(cfg(3, 2, colocate=True))     # rollout worker j shares trainer j's bundle
+    s = shrink_plan(c, {1, 2}, 1, 1, 1)
+    assert s.bundles == [c.bundles[1], c.bundles[2]]
+    assert s.trainer == [(0, c.trainer[1][1]), (1, c.trainer[2][1])] and s.rollout == [(0, c.rollout[1][1])]
+
+
+def test_wait_for_bundles_reports_and_returns_what_is_placed(monkeypatch):
+    from rl.grpo import placement
+
+    polls = iter([{0}, {0}, {0, 1}])
+    monkeypatch.setattr(placement, "placed_bundles", lambda pg: next(polls))
+    lines = []
+    t0 = time.monotonic()
+    got = placement.wait_for_bundles(None, [0, 1], 30, "restarting", log=lambda s, **k: lines.append(s))
+    assert got == {0, 1} and time.monotonic() - t0 < 5     # placed again (a node came back): stop waiting
+    assert "bundle(s) [1] lost their node" in lines[0] and "resources.wait_s" in lines[0]
+    monkeypatch.setattr(placement, "placed_bundles", lambda pg: {0})
+    t0 = time.monotonic()
+    assert placement.wait_for_bundles(None, [0, 1], 1.5, "restarting", log=lambda *a, **k: None) == {0}
+    assert 1.4 < time.monotonic() - t0 < 4                  # gives up after timeout_s with the placed subset
+
+
 @pytest.mark.slow  # three 6-step runs (~4 min)
 def test_a_trainer_restart_ends_where_an_uninterrupted_run_ends(tmp_path, ray_local):
     """Two uninterrupted runs with the same seed, and one whose trainer worker is SIGKILLed in step 5's update
@@ -193,3 +290,96 @@ def test_a_trainer_restart_ends_where_an_uninterrupted_run_ends(tmp_path, ray_lo
     ab, ac = diff(a, b), diff(a, c)
     print(f"max |a - b| = {ab:.3g} (two uninterrupted runs), max |a - restarted| = {ac:.3g}")
     assert ac <= ab
+
+
+@pytest.mark.slow  # a simulated cluster, two engines, a lost node, restarts (~1-1.5 min each)
+@pytest.mark.parametrize("node_c", [False, True], ids=["no-capacity-back", "node-c-joins"])
+def test_a_lost_node_re_places_the_run_on_the_node_left(tmp_path, capsys, node_c):
+    """A simulated two-node cluster, each node with one trainer rank and one rollout worker (SPREAD), and node B
+    removed from the cluster once the step-2 checkpoint is committed (its raylet and every worker process on it
+    killed). With no capacity coming back, after resources.wait_s the run is placed again on node A alone (a new
+    placement group: one trainer rank, one engine) and the trainer group restarts from the step-2 checkpoint
+    written by two ranks (DCP reshards). When node C joins instead, Ray moves node B's bundles there and the run
+    goes on with both ranks and both engines, node B's on node C. Either way the run finishes in the same job with
+    every step logged once, nothing trained lost, full groups and verified weights. Which rank and which engine
+    node B held is Ray's choice."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from rl.config import load_config
+    from rl.grpo.config import GRPOConfig
+    from rl.grpo.driver import GRPODriver
+
+    out = tmp_path / "run"
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    node_b = cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address)
+    removed: list = []
+    stop = threading.Event()
+
+    def remove_b_after_step_2():
+        step_2 = out / "checkpoints" / "step_000002"   # renamed into place once committed
+        while not stop.is_set():
+            if step_2.exists():
+                cluster.remove_node(node_b)
+                if node_c:   # a raylet joining the cluster (Cluster.add_node needs the main thread)
+                    removed.append(subprocess.Popen(
+                        [str(Path(sys.executable).parent / "ray"), "start", "--address", cluster.address,
+                         "--num-cpus=2", "--block"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                        start_new_session=True))
+                else:
+                    removed.append(None)
+                return
+            time.sleep(0.005)
+
+    remover = threading.Thread(target=remove_b_after_step_2)
+    try:
+        cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", [
+            "trainer.max_steps=5", "checkpoint.every=2", f"log.output_dir={out}", "log.progress=false",
+            "resources.ray_address=auto", "resources.placement_strategy=SPREAD", "resources.trainer_cpus=1",
+            "rollout.num_workers=2", f"resources.wait_s={120 if node_c else 5}", f"sync.dir={tmp_path / 'shm'}",
+            "reward.functions=[plugins_for_tests:ones]", "reward.weights=[1.0]", "sync.checksum_every=1"])
+        remover.start()
+        d = GRPODriver(cfg)
+        starts: list[dict] = []
+        note = d.note_placement
+        d.note_placement = lambda answers: (note(answers), starts.append(json.loads(json.dumps(d.placement_info))))
+        result = d.run()
+        first, info = starts[0], d.placement_info
+        known = {cluster.head_node.node_id, node_b.node_id}
+        joined = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] not in known]
+    finally:
+        stop.set()
+        remover.join()
+        ray.shutdown()
+        if removed and removed[0] is not None:
+            os.killpg(removed[0].pid, signal.SIGTERM)   # node C's raylet and workers
+            removed[0].wait(60)
+        cluster.shutdown()
+    assert removed, "node B was never removed"
+    b_id = node_b.node_id
+    assert sorted(n == b_id for n in first["trainer_nodes"]) == [False, True], first   # one rank per node
+    assert sorted(n == b_id for n in first["rollout_nodes"]) == [False, True], first   # one engine per node
+    said = capsys.readouterr().out
+    with capsys.disabled():   # the recovery's own account, in the test log
+        print("\n".join(line for line in said.splitlines() if line.startswith("[r1lab]")))
+    if node_c:   # node B's rank and engine now run on node C, the others where they were
+        [c_id] = joined
+        assert info["trainer_nodes"] == [c_id if n == b_id else n for n in first["trainer_nodes"]], info
+        assert info["rollout_nodes"] == [c_id if n == b_id else n for n in first["rollout_nodes"]], info
+        assert "the run goes on with" not in said and len(starts) == 1
+    else:
+        assert len(info["trainer_nodes"]) == len(info["rollout_nodes"]) == 1, info   # re-placed ...
+        assert b_id not in info["trainer_nodes"] + info["rollout_nodes"], info        # ... on node A
+        assert "the run goes on with 1 of 2 trainer workers" in said and "1 of 2 rollout workers" in said
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 6))               # every step logged once
+    assert [r["data/cursor"] for r in rows] == [8.0 * s for s in range(1, 6)]
+    assert all(r["rollout/short_groups"] == 0 for r in rows)            # every group has its n samples
+    assert all(r["sync/checksum_ok"] == 1.0 for r in rows)
+    faults = d.faults.faults
+    assert all(f.step == 3 and f.recovery_s >= 0 for f in faults), d.faults.history()   # during step 3, handled
+    assert [f.kind for f in faults].count("trainer") == 1, d.faults.history()   # one restart on the node left
+    assert rows[-1]["fault/lost_steps"] == 0.0                          # it restored the step-2 checkpoint
+    assert result["steps"] == 5 and (Path(result["final"]) / "config.json").exists()

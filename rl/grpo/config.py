@@ -59,10 +59,16 @@ class RolloutConfig:
                                "resources.health_timeout_s are replaced in the same placement, loaded with the "
                                "current policy (checksum-verified) and given the lost prompts again, at most this "
                                "many times per run (rl.grpo.recovery); 0 = stop at the first failure")
+    min_workers: int = opt(1, "after a lost node whose bundles Ray places on no other node within "
+                              "resources.wait_s, the run is re-placed on the nodes left with the rollout workers "
+                              "left, down to this many (= num_workers: never go on with fewer; the run stops "
+                              "naming this key) (rl.grpo.recovery)")
 
     def validate(self) -> None:
         require(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
         require(self.max_restarts >= 0, "rollout.max_restarts", "must be >= 0 (0 = no replacement)")
+        require(1 <= self.min_workers <= self.num_workers, "rollout.min_workers",
+                f"must be in [1, rollout.num_workers={self.num_workers}]")
         require(self.n >= 2, "rollout.n", "GRPO needs at least 2 samples per prompt")
         require(self.batch_prompts >= 1, "rollout.batch_prompts", "must be >= 1")
         require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
@@ -258,6 +264,10 @@ class TrainerConfig:
                                "down, started again, restored from the last committed checkpoint (the driver's "
                                "step, data cursor and metrics rewind to it) and the run goes on in the same job, at "
                                "most this many times (rl.grpo.recovery); 0 = stop at the first failure")
+    min_workers: int = opt(1, "after a lost node whose bundles Ray places on no other node within "
+                              "resources.wait_s, the trainer group restarts with the workers left (a multiple of "
+                              "sequence_parallel; DCP reshards the checkpoint), down to this many (= num_workers: "
+                              "never shrink; the run stops naming this key) (rl.grpo.recovery)")
     peak_tflops: float = opt(0.0, "per-device dense peak in TFLOP/s (H100 bf16: 989) for the perf/mfu metric "
                                   "(6 x params x trained tokens / update time / peak); 0 = no MFU")
 
@@ -276,6 +286,8 @@ class TrainerConfig:
         require(all(isinstance(m, int) for m in self.milestones), "trainer.milestones", "must be integers")
         require(self.collective_timeout_s > 0, "trainer.collective_timeout_s", "must be > 0")
         require(self.max_restarts >= 0, "trainer.max_restarts", "must be >= 0 (0 = no restart)")
+        require(1 <= self.min_workers <= self.num_workers, "trainer.min_workers",
+                f"must be in [1, trainer.num_workers={self.num_workers}]")
 
 
 @dataclass
@@ -337,7 +349,9 @@ class ResourcesConfig:
     rollout_gpus: float = opt(0.0, "GPUs per rollout worker")
     placement_strategy: str = opt("PACK", "placement group strategy", choices=["PACK", "SPREAD", "STRICT_PACK"])
     wait_s: float = opt(600.0, "how long to wait for the cluster to free the resources of a feasible run "
-                               "(an infeasible one fails at once)")
+                               "(an infeasible one fails at once), and, after a lost node, for Ray to place its "
+                               "bundles on another node before the run goes on with fewer workers "
+                               "(rollout.min_workers, trainer.min_workers)")
     health_timeout_s: float = opt(1800.0, "a rollout worker call (generating a batch, loading weights) still running "
                                           "after this long is declared hung: the worker is killed and replaced "
                                           "(rollout.max_restarts); a killed worker is noticed at once")

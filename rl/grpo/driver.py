@@ -42,8 +42,8 @@ from rl.grpo.recovery import (
     call_rollout,
     collect_rollouts,
     gather_loads,
+    recover,
     replace_rollout,
-    restart_trainers,
 )
 from rl.grpo.rewards_check import FailureWatch, merge_reward_metrics
 from rl.grpo.rollout_queue import RolloutQueue
@@ -217,10 +217,10 @@ class GRPODriver:
         from rl.grpo.sync import FileTransport
 
         sc = self.cfg.sync
-        return FileTransport(sc.dir, self.run_id, self.cfg.rollout.num_workers, timeout_s=sc.timeout_s,
+        return FileTransport(sc.dir, self.run_id, len(self.plan.rollout), timeout_s=sc.timeout_s,
                              writers=self.sync_writers).spec()
 
-    def _choose_sync_writers(self, nodes: int) -> int:
+    def _choose_sync_writers(self, nodes: int, trainers: int) -> int:
         """sync.shards: local -> every trainer rank writes its own pieces (writers = trainer ranks); gather -> rank
         0 writes gathered tensors. auto = local when the whole run is on one node (every rank and engine then
         sees sync.dir), the model has no LoRA adapters (merged from full tensors) and no sequence parallelism."""
@@ -228,7 +228,7 @@ class GRPODriver:
         mode = cfg.sync.shards
         if mode == "auto":
             mode = "local" if nodes == 1 and not cfg.model.lora_r and cfg.trainer.sequence_parallel == 1 else "gather"
-        return cfg.trainer.num_workers if mode == "local" and cfg.trainer.num_workers > 1 else 1
+        return trainers if mode == "local" and trainers > 1 else 1
 
     def start(self, init_path: str | None = None) -> None:
         """Ray, a placement group checked against the cluster, trainer and rollout actors."""
@@ -241,13 +241,16 @@ class GRPODriver:
         self.plan = plan = plan_placement(cfg)
         nodes = cluster_nodes()
         check_fits(plan, nodes)   # fail now, naming the shortfall, instead of waiting forever
-        self.sync_writers = self._choose_sync_writers(len(nodes))
+        self.sync_writers = self._choose_sync_writers(len(nodes), len(plan.trainer))
         self.pg = placement_group(plan.bundles, strategy=plan.strategy)
         wait_ready([self.pg.ready()], ["placement group " + str(plan.bundles)], cfg.resources.wait_s,
                    "reserving resources")
         self.init_path = init_path or self.model_path
         self.rollouts = [self.make_rollout(j) for j in range(len(plan.rollout))]
-        info = self.start_trainers(also=self.rollouts)
+        self.note_placement(self.start_trainers(also=self.rollouts))
+
+    def note_placement(self, info: list[dict]) -> None:
+        """Where each worker runs (the workers' ready() answers, trainers first): `placement_info`."""
         nt = len(self.trainers)
         self.placement_info = {"trainer_nodes": [i["node_id"] for i in info[:nt]],
                                "rollout_nodes": [i["node_id"] for i in info[nt:]],
@@ -268,7 +271,7 @@ class GRPODriver:
         return ray.remote(RolloutWorker).options(scheduling_strategy=self._strategy(b), **opts).remote(
             self.init_path, self.cfg, self.cfg.trainer.seed + 17 * j, _import_path())
 
-    def start_trainers(self, also: list[Any] = ()) -> list[dict]:
+    def start_trainers(self, also: list[Any] = (), restart: bool = False) -> list[dict]:
         """The trainer group in its bundles, with a fresh rendezvous port; waits until it (and `also`) is ready.
         Returns the workers' ready() answers, trainers first."""
         import ray
@@ -290,7 +293,7 @@ class GRPODriver:
         except Exception as e:
             self._raise_worker_error(e, "start-up")
         swept = info[0].get("swept") or []
-        if swept and also:   # at a restart (no `also`) it is the previous trainer group's own directory
+        if swept and not restart:   # at a restart it is the previous trainer group's own directory
             print(f"[r1lab] removed sync directories of dead runs: {swept}", flush=True)
         return info
 
@@ -610,10 +613,8 @@ class GRPODriver:
             while self.step < cfg.trainer.max_steps:
                 try:
                     self._step_log_save(mlog)
-                except WorkerDied as e:   # a trainer died or stalled: restart the group from the last checkpoint
-                    if e.kind != "trainer":
-                        raise
-                    restart_trainers(self, e)   # RecoveryExhausted past trainer.max_restarts
+                except WorkerDied as e:   # a trainer died or stalled, or a node was lost: restart from the last
+                    recover(self, e)      # checkpoint (on the nodes left); RecoveryExhausted past max_restarts
             final = self.out / "final"
             self._get([w.export_hf.remote(str(final), cfg.sync.bucket_mb, True) for w in self.trainers], 3600, "export")
             write_model_card(final, self.card_info())

@@ -9,6 +9,10 @@ device, and vLLM sleeps while the trainer trains (see the driver).
 `check_fits` compares the plan with the cluster's nodes *before* the placement group is created: a job that
 can never be scheduled fails at once, naming per resource what is needed (and why) and what exists, instead of
 waiting for Ray's timeout. `wait_ready` reports what is still pending while it waits.
+
+After a lost node (rl.grpo.recovery): `placed_bundles` says which bundles sit on a live node, `wait_for_bundles`
+gives Ray `resources.wait_s` to place the others again, and `shrink_plan` is the plan for the workers left,
+for a new placement group (Ray cannot drop a bundle from a group; an unplaceable one keeps its GCS busy).
 """
 from __future__ import annotations
 
@@ -121,3 +125,55 @@ def wait_ready(refs: list[Any], names: list[str], timeout_s: float, what: str, r
                 f"{ {k: v for k, v in ray.available_resources().items() if k in ('CPU', 'GPU', 'memory')} })",
                 flush=True)
     return ray.get(refs)
+
+
+def placed_bundles(pg) -> set[int]:
+    """The bundles of `pg` that sit on a live node now. A bundle whose node died is unplaced until Ray finds it a
+    new node (the group is RESCHEDULING meanwhile); it may never come back."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    return {int(b) for b, node in placement_group_table(pg)["bundles_to_node_id"].items() if node in alive}
+
+
+def wait_for_bundles(pg, bundles: list[int], timeout_s: float, what: str, log=print,
+                     report_every_s: float = 15.0) -> set[int]:
+    """Wait up to `timeout_s` until every bundle of `bundles` is placed (Ray moves a lost node's bundles when
+    capacity appears), reporting what it waits for. Returns the ones placed at the end, which may be fewer."""
+    deadline = time.monotonic() + timeout_s
+    next_report = time.monotonic()
+    while True:
+        placed = placed_bundles(pg) & set(bundles)
+        if len(placed) == len(set(bundles)) or time.monotonic() >= deadline:
+            return placed
+        if time.monotonic() >= next_report:
+            log(f"[r1lab] {what}: bundle(s) {sorted(set(bundles) - placed)} lost their node; waiting up to "
+                f"{deadline - time.monotonic():.0f}s more (resources.wait_s) for Ray to place them again", flush=True)
+            next_report = time.monotonic() + report_every_s
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+def shrink_plan(p: Placement, placed: set[int], sequence_parallel: int, min_trainers: int,
+                min_rollouts: int) -> Placement:
+    """The plan for the workers whose bundles are still `placed` after a lost node, for a new, smaller placement
+    group (bundles renumbered in order). Trainer ranks keep their order, cut to a multiple of sequence_parallel.
+    Raises InsufficientResources, naming the knob, below trainer.min_workers or rollout.min_workers."""
+    trainers = [(b, o) for b, o in p.trainer if b in placed]
+    n = len(trainers) // sequence_parallel * sequence_parallel
+    if n < max(sequence_parallel, min_trainers):
+        raise InsufficientResources(
+            f"{len(p.trainer) - len(trainers)} of the {len(p.trainer)} trainer workers lost their node and Ray placed "
+            f"their bundles on no other node within resources.wait_s; {n} worker(s) would be left (a multiple of "
+            f"trainer.sequence_parallel={sequence_parallel}) < trainer.min_workers={min_trainers}: add a node, or "
+            f"lower trainer.min_workers")
+    rollouts = [(b, o) for b, o in p.rollout if b in placed]
+    if len(rollouts) < min_rollouts:
+        raise InsufficientResources(
+            f"{len(p.rollout) - len(rollouts)} of the {len(p.rollout)} rollout workers lost their node and Ray placed "
+            f"their bundles on no other node within resources.wait_s; {len(rollouts)} left < rollout.min_workers="
+            f"{min_rollouts}: add a node, or lower rollout.min_workers")
+    keep = sorted({b for b, _ in trainers[:n] + rollouts})
+    new = {b: i for i, b in enumerate(keep)}
+    return Placement([p.bundles[b] for b in keep], p.strategy, [(new[b], dict(o)) for b, o in trainers[:n]],
+                     [(new[b], dict(o)) for b, o in rollouts], p.why)
