@@ -141,17 +141,24 @@ def _run(cmd, env, out, kill_after_lines=None, timeout=600):
 
 
 @pytest.mark.parametrize("back_to_two", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_kill_and_resume_continues_exactly_across_trainer_counts(tmp_path, back_to_two):
-    """Killed mid-run, resumed with 1 trainer worker instead of 2 (and, in the slow tier, continued with 2
-    again: a third launch, ~45 s; tests/test_trainer_worker.py reshards 1 -> 2 under torchrun in the fast tier):
-    sharded checkpoints reshard, step numbering and the data cursor continue exactly, and the killed run's sync
-    directory is swept by the next start."""
+def test_kill_and_resume_continues_exactly_across_trainer_counts(tmp_path, back_to_two, ray_local, capsys):
+    """A launcher process killed mid-run (SIGKILL of it and everything it started), resumed with 1 trainer worker
+    instead of 2 (and, in the slow tier, continued with 2 again; tests/test_trainer_worker.py reshards 1 -> 2 under
+    torchrun in the fast tier): sharded checkpoints reshard, step numbering and the data cursor continue exactly,
+    and the killed run's sync directory is swept by the next start. The resumes run in this process on the
+    session's Ray (the same driver code as a launch, ~15 s cheaper each)."""
     out, shm = tmp_path / "run", tmp_path / "shm"
     # kl_coef > 0 also exercises the frozen reference model (the base model, also after a resume)
-    cmd = [sys.executable, "launch/grpo.py", "--config", "configs/tiny_grpo.yaml", "trainer.max_steps=8",
-           "checkpoint.every=2", f"log.output_dir={out}", "log.progress=false", "resources.ray_address=local",
-           "algo.kl_coef=0.01", "trainer.lr=0.001", "reward.functions=[plugins_for_tests:ones]",
-           "reward.weights=[1.0]", f"sync.dir={shm}"]
+    overrides = ["trainer.max_steps=8", "checkpoint.every=2", f"log.output_dir={out}", "log.progress=false",
+                 "resources.ray_address=local", "algo.kl_coef=0.01", "trainer.lr=0.001",
+                 "reward.functions=[plugins_for_tests:ones]", "reward.weights=[1.0]", f"sync.dir={shm}"]
+    cmd = [sys.executable, "launch/grpo.py", "--config", "configs/tiny_grpo.yaml", *overrides]
+
+    def resume(extra: list[str]) -> str:
+        capsys.readouterr()
+        GRPODriver(load_config(GRPOConfig, "configs/tiny_grpo.yaml", overrides + extra)).run()
+        return capsys.readouterr().out
+
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     rc, log = _run(cmd, env, out, kill_after_lines=5)
     assert rc == -signal.SIGKILL, log[-3000:]
@@ -161,15 +168,13 @@ def test_kill_and_resume_continues_exactly_across_trainer_counts(tmp_path, back_
     ckpt = latest_checkpoint(out / "checkpoints")
     assert ckpt is not None and len(before) >= 5
     done_step = int(ckpt.name.split("_")[1])
-    rc, log = _run(cmd + ["trainer.num_workers=1"], env, out)
-    assert rc == 0, log[-3000:]
+    log = resume(["trainer.num_workers=1"])
     assert f"resuming from {ckpt} at step {done_step + 1}" in log
     assert f"removed sync directories of dead runs: ['{leaked[0]}']" in log   # ...the next start sweeps it
     assert not list(shm.glob("r1lab-sync-*"))   # and a run that ends removes its own
     last = 8
     if back_to_two:
-        rc, log = _run(cmd + ["trainer.max_steps=10"], env, out)                  # 1 -> 2 trainer workers
-        assert rc == 0, log[-3000:]
+        log = resume(["trainer.max_steps=10"])                                   # 1 -> 2 trainer workers
         assert "resuming from" in log and "at step 9" in log
         last = 10
     rows = read_metrics(out)

@@ -196,10 +196,13 @@ def test_a_rollout_worker_whose_node_is_gone_ends_in_node_lost(monkeypatch):
     rollout failure recorded as handled."""
     from types import SimpleNamespace as NS
 
+    import ray
+
     from rl.grpo import placement, recovery
 
     asked = []
     monkeypatch.setattr(placement, "wait_for_bundles", lambda pg, b, t, what, **k: asked.append((b, t)) or set())
+    monkeypatch.setattr(ray, "kill", lambda actor, **k: None)   # the engine is a string here: no Ray needed
     d = NS(cfg=NS(resources=NS(wait_s=7.0)), faults=FaultLog(5, 5, log=lambda *a, **k: None), step=4, pg=None,
            rollouts=["engine 0", "engine 1"], plan=NS(rollout=[(2, {}), (3, {})]))
     with pytest.raises(recovery.NodeLost, match=r"rollout worker 1's node is gone: its bundle 3 found no other "
@@ -246,13 +249,13 @@ def test_wait_for_bundles_reports_and_returns_what_is_placed(monkeypatch):
     monkeypatch.setattr(placement, "placed_bundles", lambda pg: next(polls))
     lines = []
     t0 = time.monotonic()
-    got = placement.wait_for_bundles(None, [0, 1], 30, "restarting", log=lambda s, **k: lines.append(s))
+    got = placement.wait_for_bundles(None, [0, 1], 30, "restarting", log=lambda s, **k: lines.append(s), poll_s=0.01)
     assert got == {0, 1} and time.monotonic() - t0 < 5     # placed again (a node came back): stop waiting
     assert "bundle(s) [1] lost their node" in lines[0] and "resources.wait_s" in lines[0]
     monkeypatch.setattr(placement, "placed_bundles", lambda pg: {0})
     t0 = time.monotonic()
-    assert placement.wait_for_bundles(None, [0, 1], 1.5, "restarting", log=lambda *a, **k: None) == {0}
-    assert 1.4 < time.monotonic() - t0 < 4                  # gives up after timeout_s with the placed subset
+    assert placement.wait_for_bundles(None, [0, 1], 0.3, "restarting", log=lambda *a, **k: None, poll_s=0.05) == {0}
+    assert 0.29 < time.monotonic() - t0 < 3                 # gives up after timeout_s with the placed subset
 
 
 @pytest.mark.slow  # three 6-step runs (~4 min)

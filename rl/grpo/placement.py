@@ -138,7 +138,7 @@ def placed_bundles(pg) -> set[int]:
 
 
 def wait_for_bundles(pg, bundles: list[int], timeout_s: float, what: str, log=print,
-                     report_every_s: float = 15.0) -> set[int]:
+                     report_every_s: float = 15.0, poll_s: float = 1.0) -> set[int]:
     """Wait up to `timeout_s` until every bundle of `bundles` is placed (Ray moves a lost node's bundles when
     capacity appears), reporting what it waits for. Returns the ones placed at the end, which may be fewer."""
     deadline = time.monotonic() + timeout_s
@@ -151,7 +151,7 @@ def wait_for_bundles(pg, bundles: list[int], timeout_s: float, what: str, log=pr
             log(f"[r1lab] {what}: bundle(s) {sorted(set(bundles) - placed)} lost their node; waiting up to "
                 f"{deadline - time.monotonic():.0f}s more (resources.wait_s) for Ray to place them again", flush=True)
             next_report = time.monotonic() + report_every_s
-        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
 
 
 def shrink_plan(p: Placement, placed: set[int], sequence_parallel: int, min_trainers: int,
