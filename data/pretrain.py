@@ -23,7 +23,9 @@ name of the open tag, and it can only write a token it was trained to predict. H
 lowercase word piece of the base tokenizer, `vocab_tag_names`; "glossary": the glossary's words) or invented
 (`pseudo_word`), `think` and the held-out control words (HELDOUT_TAG_WORDS) always left out, so that closing a
 tag is learned as copying its name rather than recalling known pairs; the glossary kind makes `think` a live
-token, seen in plain text only.
+token, seen in plain text only. `random_labels` = share of question/reply labels that are words of the same list
+(`Garden: `; never a piece of `User`/`Assistant`): in one base the template's `User:`/`Assistant:` labels alone
+switched the copying off (docs/demo.md, 2026-12-07), so labels must not be a closed set either.
 """
 from __future__ import annotations
 
@@ -168,14 +170,28 @@ def _boxed(total: int, rng: random.Random, p: float) -> str:
     return f" The answer is \\boxed{{{total}}}." if rng.random() < p else ""
 
 
-def _question(a: int, b: int, rng: random.Random, min_sentences: int, max_sentences: int) -> str:
-    """A labelled question, some English after it, and the label of the reply (ends where the work starts)."""
-    return (rng.choice(Q_LABELS) + f"What is {a} + {b}? "
-            + " ".join(rng.sample(ENGLISH, rng.randint(min_sentences, max_sentences))) + "\n" + rng.choice(A_LABELS))
+def _question(a: int, b: int, rng: random.Random, min_sentences: int, max_sentences: int,
+              label_names: tuple[str, ...] = (), random_labels: float = 0.0) -> str:
+    """A labelled question, some English after it, and the label of the reply (ends where the work starts). With
+    probability `random_labels` each label is a word of `label_names` (`Garden: `), as forums and chats name
+    their speakers: the model learns that no label changes what follows it (`User:` / `Assistant:` never)."""
+    def label(known: tuple[str, ...]) -> str:
+        if label_names and rng.random() < random_labels:
+            return rng.choice(label_names).capitalize() + ": "
+        return rng.choice(known)
+
+    return (label(Q_LABELS) + f"What is {a} + {b}? "
+            + " ".join(rng.sample(ENGLISH, rng.randint(min_sentences, max_sentences))) + "\n" + label(A_LABELS))
+
+
+def label_names_from(names: tuple[str, ...]) -> tuple[str, ...]:
+    """Speaker labels from tag names: never a piece of the R1 template's `User` / `Assistant`."""
+    return tuple(n for n in names if len(n) > 2 and n not in "user" and n not in "assistant")
 
 
 def doc(kind: str, a: int, b: int, rng: random.Random, boxed_p: float = 0.5, random_tags: float = 0.0,
-        tag_names: tuple[str, ...] = ()) -> str:
+        tag_names: tuple[str, ...] = (), random_labels: float = 0.0) -> str:
+    labels = label_names_from(tag_names) if random_labels else ()
     s = a + b
     steps = column_steps(a, b)
     work = "\n".join(f"{x}+{y}+{c}={t}" for x, y, c, t in steps)   # the column steps as lines
@@ -197,7 +213,7 @@ def doc(kind: str, a: int, b: int, rng: random.Random, boxed_p: float = 0.5, ran
     if kind == "qa":
         return f"Question: What is {a} + {b}?\nAnswer: {s}"
     if kind == "question":
-        return _question(a, b, rng, 1, 3) + work + f"\nSo {a}+{b}={s}." + _boxed(s, rng, boxed_p)
+        return _question(a, b, rng, 1, 3, labels, random_labels) + work + f"\nSo {a}+{b}={s}." + _boxed(s, rng, boxed_p)
     if kind == "english":
         return " ".join(rng.sample(ENGLISH, rng.randint(2, 5)))
     if kind == "glossary":
@@ -209,7 +225,7 @@ def doc(kind: str, a: int, b: int, rng: random.Random, boxed_p: float = 0.5, ran
             tag = rng.choice(tag_names) if tag_names else pseudo_word(rng)
         else:
             tag = rng.choice(TAGS)
-        head = rng.choice(["", f"{a} + {b}:\n", f"Add {a} and {b}.\n", _question(a, b, rng, 0, 2)])
+        head = rng.choice(["", f"{a} + {b}:\n", f"Add {a} and {b}.\n", _question(a, b, rng, 0, 2, labels, random_labels)])
         if random_tags and rng.random() < 0.5:   # the page says what the tag is for before using it
             head = markup_sentence(rng, tag) + "\n" + head
         return (head + f"<{tag}>\n" + work + f"\n</{tag}>\nSo {a}+{b}={s}."
@@ -219,6 +235,7 @@ def doc(kind: str, a: int, b: int, rng: random.Random, boxed_p: float = 0.5, ran
 
 def base_corpus(n_docs: int, seed: int = 0, mix: dict[str, float] | None = None, boxed_p: float = 0.5,
                 context_p: float = 0.6, random_tags: float = 0.0, tag_names: list[str] | str | None = None,
+                random_labels: float = 0.0,
                 tokenizer=None) -> list[str]:
     """n_docs documents of the mix (kind -> weight) over train-split additions of two 2-digit numbers
     (tag_names, tokenizer: `resolve_tag_names`)."""
@@ -234,7 +251,7 @@ def base_corpus(n_docs: int, seed: int = 0, mix: dict[str, float] | None = None,
     for _ in range(n_docs):
         a, b = rng.choice(pairs)
         kind = rng.choices(kinds, weights)[0]
-        d = doc(kind, a, b, rng, boxed_p, random_tags, names)
+        d = doc(kind, a, b, rng, boxed_p, random_tags, names, random_labels)
         if kind != "english" and rng.random() < context_p:
             # web pages put math after unrelated text: the model learns to find the problem by its content,
             # wherever it is (a long prompt in front of a question must not derail it)

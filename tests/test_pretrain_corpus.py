@@ -144,8 +144,12 @@ def test_the_shipped_pretraining_config_draws_tag_names_from_the_vocabulary():
     assert cfg.data.task_knobs["tag_names"] == "vocab"
     tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path))
     names = set(vocab_tag_names(tok))
-    used = {t for d in text_dataset(cfg.data, cfg.model.path)["text"] for t in re.findall(r"<(\w+)>\n", d)}
+    texts = text_dataset(cfg.data, cfg.model.path)["text"]
+    used = {t for d in texts for t in re.findall(r"<(\w+)>\n", d)}
     assert len(used) > 200 and used <= names and min(map(len, used)) >= 2
+    # random_labels: speaker labels from the same vocabulary reach the corpus too
+    labels = set(re.findall(r"([A-Z][a-z]+): What is", "\n".join(texts)))
+    assert cfg.data.task_knobs["random_labels"] == 0.5 and len(labels & {n.capitalize() for n in names}) > 50
     with pytest.raises(ValueError, match="needs the base model's tokenizer"):
         resolve_tag_names("vocab")
     with pytest.raises(ValueError, match="a list of names, 'glossary' or 'vocab'"):
@@ -154,3 +158,19 @@ def test_the_shipped_pretraining_config_draws_tag_names_from_the_vocabulary():
                                                                       'data.task_knobs={"tag_names": "words"}'])
     with pytest.raises(DataError, match="task_knobs"):
         text_dataset(bad.data, bad.model.path)
+
+
+def test_random_speaker_labels_are_vocabulary_words_never_user_or_assistant():
+    """random_labels: question and reply labels drawn from the tag names (`Garden: `), so that no label in front of
+    a problem switches the copying of tag names off (the R1-Zero template's `User:`/`Assistant:` did, in one base:
+    docs/demo.md); never a piece of `User`/`Assistant`, and 0 (the default) leaves the corpus as it was."""
+    names = ["garden", "river", "us", "sistant", "user", "stone", "lamp", "think"]
+    mix = {"tagged": 1.0, "question": 1.0}
+    plain = base_corpus(2000, seed=7, random_tags=1.0, tag_names=names, mix=mix)
+    assert base_corpus(2000, seed=7, random_tags=1.0, tag_names=names, mix=mix, random_labels=0.0) == plain
+    docs = base_corpus(2000, seed=7, random_tags=1.0, tag_names=names, mix=mix, random_labels=0.5)
+    text = "\n".join(docs)
+    labels = re.findall(r"(?m)(?:^|\? |\n)([A-Z][a-z]+): ", text)
+    assert {"Garden", "River", "Stone", "Lamp"} <= set(labels)
+    assert not {"Us", "Sistant", "User", "Think"} & set(labels) and "Assistant:" not in text and "User:" not in text
+    check_base_corpus(docs)
