@@ -190,8 +190,7 @@ def label_names_from(names: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def doc(kind: str, a: int, b: int, rng: random.Random, boxed_p: float = 0.5, random_tags: float = 0.0,
-        tag_names: tuple[str, ...] = (), random_labels: float = 0.0) -> str:
-    labels = label_names_from(tag_names) if random_labels else ()
+        tag_names: tuple[str, ...] = (), random_labels: float = 0.0, labels: tuple[str, ...] = ()) -> str:
     s = a + b
     steps = column_steps(a, b)
     work = "\n".join(f"{x}+{y}+{c}={t}" for x, y, c, t in steps)   # the column steps as lines
@@ -247,11 +246,12 @@ def base_corpus(n_docs: int, seed: int = 0, mix: dict[str, float] | None = None,
     pairs = train_pairs()
     names = resolve_tag_names(tag_names, tokenizer)
     kinds, weights = zip(*[(k, w) for k, w in mix.items() if w > 0])
+    labels = label_names_from(names) if random_labels else ()   # speaker labels (`random_labels`)
     out = []
     for _ in range(n_docs):
         a, b = rng.choice(pairs)
         kind = rng.choices(kinds, weights)[0]
-        d = doc(kind, a, b, rng, boxed_p, random_tags, names, random_labels)
+        d = doc(kind, a, b, rng, boxed_p, random_tags, names, random_labels, labels)
         if kind != "english" and rng.random() < context_p:
             # web pages put math after unrelated text: the model learns to find the problem by its content,
             # wherever it is (a long prompt in front of a question must not derail it)
