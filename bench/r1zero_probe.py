@@ -27,18 +27,16 @@ def contexts():
             "plain question": lambda q: q + "\n"}
 
 
-def column_steps(a: int, b: int) -> str:
-    ones, carry = a % 10 + b % 10, (a % 10 + b % 10) // 10
-    return f"{a % 10}+{b % 10}+0={ones}\n{a // 10}+{b // 10}+{carry}={a // 10 + b // 10 + carry}\n"
-
-
 def probe(model, tok, word: str, ctx) -> float:
     import torch
+
+    from data.pretrain import column_steps
 
     tid = tok(word, add_special_tokens=False).input_ids[0]
     ps = []
     for a, b in PAIRS:
-        ids = tok(ctx(f"What is {a} + {b}?") + f"<{word}>\n" + column_steps(a, b) + "</", return_tensors="pt").input_ids
+        work = "".join(f"{x}+{y}+{c}={t}\n" for x, y, c, t in column_steps(a, b))   # as the corpus writes it
+        ids = tok(ctx(f"What is {a} + {b}?") + f"<{word}>\n" + work + "</", return_tensors="pt").input_ids
         with torch.no_grad():
             ps.append(model(ids).logits[0, -1].softmax(-1)[tid].item())
     return sum(ps) / len(ps)

@@ -167,13 +167,14 @@ def shrink_plan(p: Placement, placed: set[int], sequence_parallel: int, min_trai
             f"their bundles on no other node within resources.wait_s; {n} worker(s) would be left (a multiple of "
             f"trainer.sequence_parallel={sequence_parallel}) < trainer.min_workers={min_trainers}: add a node, or "
             f"lower trainer.min_workers")
+    trainers = trainers[:n]
     rollouts = [(b, o) for b, o in p.rollout if b in placed]
     if len(rollouts) < min_rollouts:
         raise InsufficientResources(
             f"{len(p.rollout) - len(rollouts)} of the {len(p.rollout)} rollout workers lost their node and Ray placed "
             f"their bundles on no other node within resources.wait_s; {len(rollouts)} left < rollout.min_workers="
             f"{min_rollouts}: add a node, or lower rollout.min_workers")
-    keep = sorted({b for b, _ in trainers[:n] + rollouts})
+    keep = sorted({b for b, _ in trainers + rollouts})
     new = {b: i for i, b in enumerate(keep)}
-    return Placement([p.bundles[b] for b in keep], p.strategy, [(new[b], dict(o)) for b, o in trainers[:n]],
+    return Placement([p.bundles[b] for b in keep], p.strategy, [(new[b], dict(o)) for b, o in trainers],
                      [(new[b], dict(o)) for b, o in rollouts], p.why)

@@ -203,9 +203,9 @@ def replace_rollout(d, j: int, cause: str) -> None:
     try:
         [ready] = wait_ready([d.rollouts[j].ready.remote()], [f"rollout worker {j} (replacement)"],
                              d.cfg.resources.wait_s, f"replacing rollout worker {j}")
-        d.placement_info["rollout_nodes"][j] = ready["node_id"]   # another node when Ray moved the bundle
     except Exception as e:
         d._raise_worker_error(e, f"start-up of the replacement of rollout worker {j}")
+    d.placement_info["rollout_nodes"][j] = ready["node_id"]   # another node when Ray moved the bundle
     d.transfer_weights(check=True, readers=[j])
     d.faults.done(fault, time.monotonic() - t0)
 
@@ -281,6 +281,7 @@ def restart_trainers(d, err: WorkerDied) -> None:
     import ray
 
     from rl.grpo import checkpoint as ckpt
+    from rl.grpo.placement import wait_for_bundles
     from rl.grpo.rollout_queue import RolloutQueue
 
     t0 = time.monotonic()
@@ -297,8 +298,12 @@ def restart_trainers(d, err: WorkerDied) -> None:
             except Exception:
                 pass
     d.queue = RolloutQueue(d.cfg.rollout.async_steps)
-    if _bundles_lost(d, 0.0 if isinstance(err, NodeLost) else d.cfg.resources.wait_s):   # NodeLost: waited
-        _replace_on_nodes_left(d)
+    # a lost node's bundles get resources.wait_s to be placed again (after NodeLost that wait has been spent)
+    used = {b for b, _ in d.plan.trainer + d.plan.rollout}
+    placed = wait_for_bundles(d.pg, sorted(used), 0.0 if isinstance(err, NodeLost) else d.cfg.resources.wait_s,
+                              "restarting the workers")
+    if placed != used:
+        _replace_on_nodes_left(d, placed)
         d.note_placement(d.start_trainers(also=d.rollouts, restart=True))
     else:
         d.placement_info["trainer_nodes"] = [i["node_id"] for i in d.start_trainers(restart=True)]
@@ -324,26 +329,17 @@ def restart_trainers(d, err: WorkerDied) -> None:
     d.faults.done(fault, time.monotonic() - t0, lost)
 
 
-def _bundles_lost(d, wait_s: float) -> set[int]:
-    """The bundles of the run's workers that lost their node and that Ray did not place again within wait_s
-    (none, at once, when no node was lost)."""
-    from rl.grpo.placement import wait_for_bundles
-
-    used = sorted({b for b, _ in d.plan.trainer + d.plan.rollout})
-    return set(used) - wait_for_bundles(d.pg, used, wait_s, "restarting the workers")
-
-
-def _replace_on_nodes_left(d) -> None:
-    """A new, smaller placement group for the workers whose bundles are placed, and new rollout workers in it
+def _replace_on_nodes_left(d, placed: set[int]) -> None:
+    """A new, smaller placement group for the workers whose bundles are `placed`, and new rollout workers in it
     (their weights come with the restore). The old group goes, with every worker still in it: Ray cannot drop
     the lost bundles from it, and keeps trying to place them (its GCS spinning) while it exists."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from rl.grpo.placement import cluster_nodes, placed_bundles, shrink_plan, wait_ready
+    from rl.grpo.placement import cluster_nodes, shrink_plan, wait_ready
 
     cfg, old = d.cfg, d.plan
-    plan = shrink_plan(old, placed_bundles(d.pg), cfg.trainer.sequence_parallel, cfg.trainer.min_workers,
+    plan = shrink_plan(old, placed, cfg.trainer.sequence_parallel, cfg.trainer.min_workers,
                        cfg.rollout.min_workers)   # InsufficientResources below the min_workers knobs
     for w in d.rollouts:
         try:

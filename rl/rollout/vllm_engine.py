@@ -261,7 +261,4 @@ def shutdown(llm, timeout_s: float = 1.0) -> None:
 
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
-        try:
-            core.shutdown(timeout=timeout_s if current_platform.is_cpu() else None)
-        except TypeError:   # an engine client whose shutdown takes no timeout (in-process)
-            core.shutdown()
+        core.shutdown(timeout=timeout_s if current_platform.is_cpu() else None)
