@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
                          "output inserted, the model continues (rl.rollout.tools)")
     ap.add_argument("--max-tool-calls", type=int, default=2, help="tool calls per sample (with --tools)")
     ap.add_argument("--tool-timeout", type=float, default=5.0, help="seconds per tool call (with --tools)")
+    ap.add_argument("--enforce-eager", action="store_true",
+                    help="start vLLM without torch.compile / CUDA graphs (faster start, slower decode on GPU)")
     ap.add_argument("--limit", type=int, help="only the first N problems")
     ap.add_argument("--timeout", type=float, default=5.0, help="grader timeout per answer, seconds")
     args = ap.parse_args(argv)
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                         args.force_think, tools=args.tools,
                         tool=ToolSpec(max_calls=args.max_tool_calls, timeout_s=args.tool_timeout))
     evaluate(args.benchmark, model=model, completions_file=args.completions, sampling=sampling,
-             output=args.output, samples_output=args.samples_output, limit=args.limit, timeout_s=args.timeout)
+             output=args.output, samples_output=args.samples_output, limit=args.limit, timeout_s=args.timeout,
+             enforce_eager=args.enforce_eager or None)
     return 0
 
 

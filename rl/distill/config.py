@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rl.config import DataConfig, LogSection, StageRef, opt, require, require_known_rewards
+from rl.config import EAGER_HELP, DataConfig, LogSection, StageRef, opt, require, require_known_rewards
 
 
 @dataclass
@@ -16,6 +16,7 @@ class TeacherSection:
     max_model_len: int = opt(2048, "vLLM context length for the teacher")
     dtype: str = opt("auto", "vLLM dtype (auto: float32 on CPU, the checkpoint's dtype on GPU)")
     tensor_parallel_size: int = opt(1, "vLLM tensor parallelism for a large teacher")
+    enforce_eager: bool = opt(False, EAGER_HELP)
 
     def validate(self) -> None:
         require(bool(self.path), "teacher.path", "must be set (an HF model directory or hub id)")
@@ -71,6 +72,8 @@ class DistillEval:
     temperature: float = opt(1.0, "sampling temperature")
     top_p: float = opt(1.0, "nucleus sampling")
     max_tokens: int = opt(1024, "maximum response tokens")
+    enforce_eager: bool = opt(False, "of the student's evaluation engine (the teacher's is teacher.enforce_eager): "
+                                     + EAGER_HELP)
 
 
 @dataclass

@@ -72,20 +72,34 @@ def read_completions(path: str | Path, problems: list[dict[str, Any]]) -> dict[i
 
 
 def generate_completions(model: str | None, problems: list[dict[str, Any]], sampling: Sampling, n: int,
-                         llm: Any = None, tool_samples: dict | None = None) -> dict[int, list[str]]:
-    """Sample n completions per problem with vLLM (an engine can be passed in, e.g. GRPO's rollout engine).
+                         llm: Any = None, tool_samples: dict | None = None,
+                         enforce_eager: bool | None = None) -> dict[int, list[str]]:
+    """Sample n completions per problem with vLLM: with the engine passed in (e.g. GRPO's rollout engine), or
+    with one started for `model` (in this process on CPU, eager when `enforce_eager`: make_llm) and shut down.
 
     With `sampling.tools` the completions are multi-turn transcripts (tool outputs inserted); the sample dicts
     of rl.rollout.tools.as_sample are put in `tool_samples` ({index: [sample]}) when it is given."""
+    from rl.rollout.vllm_engine import make_llm, shutdown
+
+    if llm is not None:
+        return _generate(llm, model, problems, sampling, n, tool_samples)
+    if model is None:
+        raise ValueError("generate_completions needs a model path or an engine")
+    own = make_llm(model, max_model_len=_context_len(model, sampling.max_tokens + 2048), seed=sampling.seed,
+                   enforce_eager=enforce_eager, in_process=True)
+    try:
+        return _generate(own, model, problems, sampling, n, tool_samples)
+    finally:
+        shutdown(own)
+
+
+def _generate(llm, model: str | None, problems: list[dict[str, Any]], sampling: Sampling, n: int,
+              tool_samples: dict | None) -> dict[int, list[str]]:
     from transformers import AutoTokenizer
 
     from data.prompts import build_prompt
-    from rl.rollout.vllm_engine import generate, make_llm, sampling_params
+    from rl.rollout.vllm_engine import generate, sampling_params
 
-    if llm is None:
-        if model is None:
-            raise ValueError("generate_completions needs a model path or an engine")
-        llm = make_llm(model, max_model_len=_context_len(model, sampling.max_tokens + 2048), seed=sampling.seed)
     tok = AutoTokenizer.from_pretrained(model) if model else llm.get_tokenizer()
     template = sampling.template if (sampling.template != "chat" or tok.chat_template) else "r1_zero"
     prompts = [build_prompt(p["problem"], tok, template=template, force_think=sampling.force_think) for p in problems]
@@ -218,8 +232,10 @@ def summarize(spec: Benchmark, problems: list[dict[str, Any]], records: list[dic
 
 def evaluate(benchmark: str, *, model: str | None = None, completions_file: str | None = None,
              sampling: Sampling | None = None, output: str | Path | None = None, samples_output: str | Path | None = None,
-             limit: int | None = None, llm: Any = None, timeout_s: float = 5.0, quiet: bool = False) -> dict[str, Any]:
-    """Run one benchmark end to end; returns the results dict (also written to `output` when given)."""
+             limit: int | None = None, llm: Any = None, timeout_s: float = 5.0, quiet: bool = False,
+             enforce_eager: bool | None = None) -> dict[str, Any]:
+    """Run one benchmark end to end; returns the results dict (also written to `output` when given).
+    enforce_eager: of the engine started for `model` (see generate_completions)."""
     t0 = time.time()
     sampling = sampling or Sampling()
     spec, problems = load_benchmark(benchmark)
@@ -236,7 +252,8 @@ def evaluate(benchmark: str, *, model: str | None = None, completions_file: str 
         samples_per_problem: Any = n_per[0] if len(n_per) == 1 else n_per
     else:
         n = sampling.n or spec.samples
-        completions = generate_completions(model, problems, sampling, n, llm=llm, tool_samples=tool_samples)
+        completions = generate_completions(model, problems, sampling, n, llm=llm, tool_samples=tool_samples,
+                                           enforce_eager=enforce_eager)
         samples_per_problem = n
     records = grade(spec, problems, completions, timeout_s, policy_text=bool(tool_samples))
     tools = _apply_tool_outcomes(records, tool_samples) if tool_samples else None
@@ -314,12 +331,14 @@ def _engine_signature(path: str | Path) -> tuple:
 
 def evaluate_models(models: Mapping[str, str | Path], benchmark: str, sampling: Sampling,
                     out_dir: str | Path, *, llm: Any = None, llm_model: str | Path | None = None,
-                    max_model_len: int = 2048, quiet: bool = True) -> dict[str, dict[str, Any]]:
+                    max_model_len: int = 2048, quiet: bool = True,
+                    enforce_eager: bool | None = None) -> dict[str, dict[str, Any]]:
     """Evaluate several checkpoints on one benchmark, reusing an engine across same-architecture models.
 
     `llm` (serving `llm_model`) may be passed in to save an engine start; models it can serve are loaded into
     it with `reload_weights` (so it ends up holding the last of them). Other architectures get their own
-    engine, shut down afterwards. Writes eval_<name>.json (+ per-sample JSONL) under out_dir."""
+    engine, shut down afterwards: in this process on CPU unless `llm` is given (vLLM runs one in-process engine
+    at a time), eager when `enforce_eager`. Writes eval_<name>.json (+ per-sample JSONL) under out_dir."""
     from rl.rollout.vllm_engine import make_llm, reload_weights, shutdown
 
     out = Path(out_dir)
@@ -332,7 +351,8 @@ def evaluate_models(models: Mapping[str, str | Path], benchmark: str, sampling: 
             if engine is None or want != sig:
                 if own is not None:
                     shutdown(own)
-                own = engine = make_llm(str(path), max_model_len=max_model_len, seed=sampling.seed)
+                own = engine = make_llm(str(path), max_model_len=max_model_len, seed=sampling.seed,
+                                        enforce_eager=enforce_eager, in_process=llm is None)
                 sig = want
             else:
                 reload_weights(engine, str(path))
