@@ -75,3 +75,18 @@ def test_missing_model_path_fails_before_training(tmp_path):
     cfg = load_config(SFTStageConfig, None, [f"model.path={tmp_path}/nope", "data.num_train=8"])
     with pytest.raises((FileNotFoundError, OSError)):
         run_sft(cfg)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_models_own_loss_equals_trls_fused_head(tmp_path, tiny, packing):
+    """train.fused_lm_head=false (the model's loss on full logits, faster for tiny models) trains on the same loss
+    as TRL's fused head: the same losses step by step (completion-only SFT, padded and packed)."""
+    base = ["model.path=tiny:qwen2", "data.num_train=48", "train.batch_size=8", "train.lr=0.003",
+            "train.logging_steps=1", "train.max_steps=4", "train.resume=never", f"train.packing={str(packing).lower()}"]
+    curves = {}
+    for fused in (True, False):
+        s = run_sft(load_config(SFTStageConfig, None, base + [f"train.fused_lm_head={str(fused).lower()}",
+                                                              f"output_dir={tmp_path / str(fused)}"]))
+        curves[fused] = [loss for _, loss in s["loss_curve"]]
+    assert len(curves[True]) == 4 and curves[True] == pytest.approx(curves[False], rel=1e-4), curves
+    assert curves[False][-1] < curves[False][0]

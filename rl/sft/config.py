@@ -55,6 +55,10 @@ class SFTTrainConfig:
     seed: int = opt(0, "seed")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward")
     threads: int = opt(0, "torch threads (0 = default)")
+    fused_lm_head: bool = opt(True, "TRL's fused LM head: the loss from per-token log-probs computed in chunks, "
+                                    "never the full logits (the memory of a large vocabulary), plus entropy and "
+                                    "token-accuracy metrics; false = the model's own loss on its full logits, the "
+                                    "same loss, 1.7x faster per step for a tiny model on CPU (rl.sft.train)")
 
     def validate(self) -> None:
         require(self.lr > 0, "train.lr", "must be > 0")

@@ -95,12 +95,26 @@ def sft_row(problem: str, target: str, template: str) -> dict[str, Any]:
 
 
 def _trainer_cls():
+    from transformers import Trainer
     from trl import SFTTrainer
 
     class R1SFTTrainer(SFTTrainer):
-        """SFTTrainer plus a multi-step LR schedule (transformers has none built in)."""
+        """SFTTrainer plus a multi-step LR schedule (transformers has none built in), and the choice of TRL's
+        fused LM head or the model's own loss (train.fused_lm_head)."""
         r1_milestones: list[int] = []
         r1_gamma: float = 0.1
+        r1_fused_lm_head: bool = True
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """train.fused_lm_head=false: transformers' Trainer.compute_loss, i.e. the model's causal-LM loss on
+            its full logits (labels shifted, -100 ignored, summed over num_items_in_batch tokens: the loss TRL's
+            head computes). Measured on the R1-Zero base (hidden 128, vocabulary 1,048, 11 packed rows of 256):
+            a training step 130 ms with TRL's head (chunked log-probs, entropy, top-1) against 76 ms. Models with
+            a router aux loss (MoE) keep TRL's path, which adds it."""
+            if self.r1_fused_lm_head or return_outputs or self.aux_loss_enabled:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return Trainer.compute_loss(self, model, {**inputs, "use_cache": False},
+                                        num_items_in_batch=num_items_in_batch)
 
         def create_scheduler(self, num_training_steps: int, optimizer=None):
             if self.args.lr_scheduler_type == "constant" and self.r1_milestones:
@@ -199,6 +213,7 @@ def _train(cfg: SFTStageConfig, callbacks: list, card: CardInfo | None) -> dict[
                   peft_config=peft_config, callbacks=callbacks, data_collator=collator)
     trainer.r1_milestones = [int(m) for m in t.milestones] if t.lr_schedule == "multistep" else []
     trainer.r1_gamma = t.gamma
+    trainer.r1_fused_lm_head = t.fused_lm_head
     trainer.train(resume_from_checkpoint=_resume_arg(cfg, out / "checkpoints"))
     info = card or card_info(cfg, trainer.state.global_step)
     final = export(trainer, tok, out / "final", lora=cfg.lora.enabled,
