@@ -65,3 +65,39 @@ def test_the_engine_counts_token_ranks_eagerly_and_exactly(vllm_engine):
     v = x[:, 3:4].clone()
     slow = torch.tensor([sum(float(a) >= float(b) for a in row) for row, b in zip(x, v[:, 0])])
     assert torch.equal(_count_at_least(x, v), slow)
+
+
+def test_cpu_kv_cache_is_what_the_sequences_need():
+    from rl.rollout.vllm_engine import cpu_kv_cache_bytes
+
+    cfg = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 128}
+    # 2 layers x (K, V) x 2 heads x 32 dims x 4 bytes = 1,024 bytes a token; 256 sequences x (32 + 1) blocks of 16
+    assert cpu_kv_cache_bytes(cfg, 512, 256) == 256 * 33 * 16 * 1024
+    assert cpu_kv_cache_bytes({**cfg, "head_dim": 64}, 500, 8) == 8 * 33 * 16 * 2048   # 500 -> 32 blocks + 1
+    assert cpu_kv_cache_bytes({**cfg, "kv_lora_rank": 512}, 512, 256) is None          # MLA: vLLM decides
+    assert cpu_kv_cache_bytes({"text_config": {}, **cfg}, 512, 256) is None
+    assert cpu_kv_cache_bytes({"hidden_size": 128}, 512, 256) is None
+
+
+def test_an_in_process_engine_leaves_this_process_as_it_found_it(tiny):
+    """vLLM's CPU worker makes torch.set_num_threads a no-op for its whole process and freezes vLLM's environment
+    cache; an in-process engine (one at a time) must leave neither behind, and it gets a KV cache of its need."""
+    import vllm.envs as envs
+
+    from rl.rollout.vllm_engine import _set_multiprocessing, cpu_kv_cache_bytes, make_llm, shutdown
+
+    set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    llm = make_llm(str(tiny.qwen2), max_model_len=256, enforce_eager=True, in_process=True)
+    try:
+        assert len(generate(llm, ["1+1="], sampling_params(temperature=0.0, max_tokens=4))[0][0].token_ids) == 4
+        kv = llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes
+        assert kv == cpu_kv_cache_bytes(AutoModelForCausalLM.from_pretrained(tiny.qwen2).config.to_dict(), 256, 256)
+    finally:
+        shutdown(llm)
+    assert torch.set_num_threads is set_threads
+    torch.set_num_threads(1)
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(threads)
+    envs.enable_envs_cache()       # as an in-process engine core does at start-up, for its whole process
+    _set_multiprocessing(True)     # what the next make_llm does first: clear it, so that its own choice is read
+    assert not hasattr(envs.__getattr__, "cache_clear") and envs.VLLM_ENABLE_V1_MULTIPROCESSING

