@@ -82,7 +82,7 @@ def test_cpu_kv_cache_is_what_the_sequences_need():
 def test_an_in_process_engine_leaves_this_process_as_it_found_it(tiny):
     """vLLM's CPU worker makes torch.set_num_threads a no-op for its whole process and freezes vLLM's environment
     cache; an in-process engine (one at a time) must leave neither behind, and it gets a KV cache of its need."""
-    import vllm.envs as envs
+    from vllm import envs
 
     from rl.rollout.vllm_engine import _set_multiprocessing, cpu_kv_cache_bytes, make_llm, shutdown
 

@@ -139,7 +139,7 @@ def _set_multiprocessing(on: bool) -> None:
     """vLLM reads VLLM_ENABLE_V1_MULTIPROCESSING when an engine is built, through an environment cache that an
     in-process engine switches on for the whole process: clear that cache, so that this engine's choice holds.
     `on` restores the value the process was started with (the user's, or vLLM's default)."""
-    import vllm.envs as envs
+    from vllm import envs
 
     key = "VLLM_ENABLE_V1_MULTIPROCESSING"
     if not on:
