@@ -39,8 +39,7 @@ def on_cpu() -> bool:
 
 def make_llm(model: str, *, dtype: str = "auto", seed: int = 0, max_model_len: int = 2048,
              gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1,
-             enforce_eager: bool | None = None, logprobs_mode: str = "processed_logprobs",
-             in_process: bool = False,
+             enforce_eager: bool | None = None, logprobs_mode: str = "processed_logprobs", in_process: bool = False,
              kv_cache_gb: float = 0.0, return_routed_experts: bool = False, quantization: str = "none",
              **kwargs: Any):
     """Create a `vllm.LLM` with defaults that work on CPU and GPU; extra kwargs go to `LLM` unchanged.
