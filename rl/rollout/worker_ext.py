@@ -2,7 +2,8 @@
 
 Names carry an `r1lab_` prefix: vLLM's CPU worker already defines `update_weights` and friends. On CPU, weight
 reloads go through `rl.rollout.vllm_cpu_fixes.repack_moe_on_reload` (vLLM skips the MoE experts' repack on a
-reload), and MoE routing is recorded by `rl.rollout.routing_recorder` when asked. vLLM imports this module in
+reload) and `keep_processed_tensors_on_reload` (int8 oneDNN handles outlive the tensors they were built on),
+and MoE routing is recorded by `rl.rollout.routing_recorder` when asked. vLLM imports this module in
 the engine's worker process, which is where the sampler's rank count is made eager on CPU
 (`vllm_cpu_fixes.eager_rank_count`, ~4.7 s less start-up per engine).
 """
@@ -12,7 +13,7 @@ import contextlib
 
 import torch
 
-from rl.rollout.vllm_cpu_fixes import eager_rank_count, repack_moe_on_reload
+from rl.rollout.vllm_cpu_fixes import eager_rank_count, keep_processed_tensors_on_reload, repack_moe_on_reload
 
 eager_rank_count()
 
@@ -121,10 +122,19 @@ class R1WorkerExtension:
             from rl.rollout.quantization import quantize_stream
 
             stream = quantize_stream(stream, check=checksum if verify is None else verify)   # sums: as sent
-        with repack_moe_on_reload(self._r1lab_model()) if _on_cpu() else contextlib.nullcontext():
+        with self._r1lab_cpu_reload():
             self.reload_weights(weights_iterator=stream, is_checkpoint_format=True)  # type: ignore[attr-defined]
         self.r1lab_retie_lm_head()
         return sums if checksum else None
+
+    def _r1lab_cpu_reload(self) -> contextlib.AbstractContextManager:
+        """The CPU workarounds every in-place reload needs (rl.rollout.vllm_cpu_fixes, fixes 1 and 5)."""
+        if not _on_cpu():
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(repack_moe_on_reload(self._r1lab_model()))
+        stack.enter_context(keep_processed_tensors_on_reload())
+        return stack
 
     def r1lab_reload_path(self, path: str) -> None:
         """vLLM's in-place `reload_weights(weights_path=...)`, with the CPU MoE repack fix and the head re-tied.
@@ -132,7 +142,7 @@ class R1WorkerExtension:
         if getattr(self, "_r1lab_quant", "none") == "int8":
             self.r1lab_load_from_dir(path)
             return
-        with repack_moe_on_reload(self._r1lab_model()) if _on_cpu() else contextlib.nullcontext():
+        with self._r1lab_cpu_reload():
             self.reload_weights(weights_path=path)  # type: ignore[attr-defined]
         self.r1lab_retie_lm_head()
 
