@@ -1,4 +1,4 @@
-"""`make demo` end to end (slow: about 12 minutes on 2 CPU cores; its time is reported in docs/demo.md, not asserted): the miniature R1 pipeline learns.
+"""`make demo` end to end (slow: about 8 minutes on 2 CPU cores in a fast phase; its time is reported in docs/demo.md, not asserted): the miniature R1 pipeline learns.
 
 This is issue 7's acceptance check and the product's integration test: tiny Qwen2 -> cold-start SFT -> GRPO on
 Ray -> distillation into a smaller Llama student -> held-out evaluation, with the numbers read from the run.
