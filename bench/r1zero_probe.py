@@ -16,10 +16,10 @@ WORDS = ("think", "work", "believe", "know")
 
 
 def contexts():
-    from data.prompts import R1_INSTRUCTION, R1_ZERO_TEMPLATE
+    from data.prompts import R1_INSTRUCTION, R1_ZERO_TEMPLATE, build_prompt
 
     pre = R1_ZERO_TEMPLATE.split("\nUser:")[0]
-    return {"whole R1-Zero template": lambda q: R1_ZERO_TEMPLATE.replace("{problem}", q),
+    return {"whole R1-Zero template": lambda q: build_prompt(q, template="r1_zero"),
             "preamble + plain question": lambda q: pre + "\n" + q + "\n",
             "User/Assistant labels + instruction": lambda q: f"User: {q}\n{R1_INSTRUCTION}\nAssistant: ",
             "User/Assistant labels": lambda q: f"User: {q}\nAssistant: ",
@@ -30,13 +30,13 @@ def contexts():
 def probe(model, tok, word: str, ctx) -> float:
     import torch
 
-    from data.pretrain import column_steps
+    from data.pretrain import column_lines
 
     tid = tok(word, add_special_tokens=False).input_ids[0]
     ps = []
     for a, b in PAIRS:
-        work = "".join(f"{x}+{y}+{c}={t}\n" for x, y, c, t in column_steps(a, b))   # as the corpus writes it
-        ids = tok(ctx(f"What is {a} + {b}?") + f"<{word}>\n" + work + "</", return_tensors="pt").input_ids
+        text = ctx(f"What is {a} + {b}?") + f"<{word}>\n" + column_lines(a, b) + "\n</"   # as the corpus writes it
+        ids = tok(text, return_tensors="pt").input_ids
         with torch.no_grad():
             ps.append(model(ids).logits[0, -1].softmax(-1)[tid].item())
     return sum(ps) / len(ps)

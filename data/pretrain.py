@@ -166,6 +166,11 @@ def column_steps(a: int, b: int) -> list[tuple[int, int, int, int]]:
     return out
 
 
+def column_lines(a: int, b: int) -> str:
+    """The column steps as `x+y+c=s` lines, as the corpus writes them (no newline after the last)."""
+    return "\n".join(f"{x}+{y}+{c}={t}" for x, y, c, t in column_steps(a, b))
+
+
 def _boxed(total: int, rng: random.Random, p: float) -> str:
     return f" The answer is \\boxed{{{total}}}." if rng.random() < p else ""
 
@@ -193,7 +198,7 @@ def doc(kind: str, a: int, b: int, rng: random.Random, boxed_p: float = 0.5, ran
         tag_names: tuple[str, ...] = (), random_labels: float = 0.0, labels: tuple[str, ...] = ()) -> str:
     s = a + b
     steps = column_steps(a, b)
-    work = "\n".join(f"{x}+{y}+{c}={t}" for x, y, c, t in steps)   # the column steps as lines
+    work = column_lines(a, b)
     if kind == "prose":
         names = ["ones", "tens", "hundreds"]
         parts = []
