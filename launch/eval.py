@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                         tool=ToolSpec(max_calls=args.max_tool_calls, timeout_s=args.tool_timeout))
     evaluate(args.benchmark, model=model, completions_file=args.completions, sampling=sampling,
              output=args.output, samples_output=args.samples_output, limit=args.limit, timeout_s=args.timeout,
-             enforce_eager=args.enforce_eager or None)
+             enforce_eager=args.enforce_eager)
     return 0
 
 

@@ -78,7 +78,7 @@ def evaluate_base_and_final(base: Path, final: Path, heldout: str, e, gcfg, out:
     # the run's prompt template and <think> forcing, as its in-loop validation; the pipeline's eval sampling
     sampling = replace(validation_sampling(gcfg), temperature=e.temperature, n=e.samples, seed=0)
     res = evaluate_models({"base": str(base), "r1zero": str(final)}, heldout, sampling, out,
-                          max_model_len=gcfg.rollout.max_model_len, enforce_eager=e.enforce_eager or None)
+                          max_model_len=gcfg.rollout.max_model_len, enforce_eager=e.enforce_eager)
     report = {}
     for name, r in res.items():
         rows, _ = read_jsonl(out / f"eval_{name}.samples.jsonl")

@@ -168,7 +168,7 @@ def _run(cfg: DistillConfig, inp: Inputs, out: Path, also_evaluate: dict[str, st
     t0 = time.time()
     llm = make_llm(inp.teacher, dtype=cfg.teacher.dtype, seed=cfg.sampling.seed,
                    max_model_len=cfg.teacher.max_model_len, tensor_parallel_size=cfg.teacher.tensor_parallel_size,
-                   enforce_eager=cfg.teacher.enforce_eager or None, in_process=True)  # one engine at a time
+                   enforce_eager=cfg.teacher.enforce_eager, in_process=True)  # one engine at a time
     evals: dict[str, Any] = {}
     try:
         data_summary = make_traces(cfg, inp, out, llm)
@@ -183,7 +183,7 @@ def _run(cfg: DistillConfig, inp: Inputs, out: Path, also_evaluate: dict[str, st
     if inp.heldout:
         evals.update(evaluate_models({"student": student}, inp.heldout, _eval_sampling(cfg), out,
                                      max_model_len=cfg.teacher.max_model_len,
-                                     enforce_eager=cfg.eval.enforce_eager or None))
+                                     enforce_eager=cfg.eval.enforce_eager))
         add_results(student, [eval_result(evals["student"], heldout_name(cfg))])
     acc = {name: r["metrics"]["pass@1"] for name, r in evals.items()}
     summary = {"dataset": data_summary, "student": {"path": student, "model": inp.student_spec,

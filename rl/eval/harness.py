@@ -73,7 +73,7 @@ def read_completions(path: str | Path, problems: list[dict[str, Any]]) -> dict[i
 
 def generate_completions(model: str | None, problems: list[dict[str, Any]], sampling: Sampling, n: int,
                          llm: Any = None, tool_samples: dict | None = None,
-                         enforce_eager: bool | None = None) -> dict[int, list[str]]:
+                         enforce_eager: bool = False) -> dict[int, list[str]]:
     """Sample n completions per problem with vLLM: with the engine passed in (e.g. GRPO's rollout engine), or
     with one started for `model` (in this process on CPU, eager when `enforce_eager`: make_llm) and shut down.
 
@@ -233,7 +233,7 @@ def summarize(spec: Benchmark, problems: list[dict[str, Any]], records: list[dic
 def evaluate(benchmark: str, *, model: str | None = None, completions_file: str | None = None,
              sampling: Sampling | None = None, output: str | Path | None = None, samples_output: str | Path | None = None,
              limit: int | None = None, llm: Any = None, timeout_s: float = 5.0, quiet: bool = False,
-             enforce_eager: bool | None = None) -> dict[str, Any]:
+             enforce_eager: bool = False) -> dict[str, Any]:
     """Run one benchmark end to end; returns the results dict (also written to `output` when given).
     enforce_eager: of the engine started for `model` (see generate_completions)."""
     t0 = time.time()
@@ -332,7 +332,7 @@ def _engine_signature(path: str | Path) -> tuple:
 def evaluate_models(models: Mapping[str, str | Path], benchmark: str, sampling: Sampling,
                     out_dir: str | Path, *, llm: Any = None, llm_model: str | Path | None = None,
                     max_model_len: int = 2048, quiet: bool = True,
-                    enforce_eager: bool | None = None) -> dict[str, dict[str, Any]]:
+                    enforce_eager: bool = False) -> dict[str, dict[str, Any]]:
     """Evaluate several checkpoints on one benchmark, reusing an engine across same-architecture models.
 
     `llm` (serving `llm_model`) may be passed in to save an engine start; models it can serve are loaded into

@@ -10,6 +10,7 @@ the engine's worker process, which is where the sampler's rank count is made eag
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -127,14 +128,14 @@ class R1WorkerExtension:
         self.r1lab_retie_lm_head()
         return sums if checksum else None
 
-    def _r1lab_cpu_reload(self) -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def _r1lab_cpu_reload(self) -> Iterator[None]:
         """The CPU workarounds every in-place reload needs (rl.rollout.vllm_cpu_fixes, fixes 1 and 5)."""
         if not _on_cpu():
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(repack_moe_on_reload(self._r1lab_model()))
-        stack.enter_context(keep_processed_tensors_on_reload())
-        return stack
+            yield
+            return
+        with repack_moe_on_reload(self._r1lab_model()), keep_processed_tensors_on_reload():
+            yield
 
     def r1lab_reload_path(self, path: str) -> None:
         """vLLM's in-place `reload_weights(weights_path=...)`, with the CPU MoE repack fix and the head re-tied.
