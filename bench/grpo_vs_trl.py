@@ -22,6 +22,12 @@ Prints both sides' samples/s, tokens/s and per-phase breakdown, then `floor_rati
 and, last, `speedup=X` (r1lab samples/s over the fastest TRL mode).
 
   .venv/bin/python bench/grpo_vs_trl.py [--steps 5] [--warmup 1] [--no-vllm-colocate]
+
+`--learn` compares learning per step instead (bench/trl_learn.py): the demo's GRPO stage trained once by TRL's
+GRPOTrainer and once by r1lab from the demo's SFT model, both evaluated on the same held-out set; last line
+`learn_gap=` (r1lab minus TRL held-out pass@1).
+
+  .venv/bin/python bench/grpo_vs_trl.py --learn [--sft runs/demo/sft/final]
 """
 from __future__ import annotations
 
@@ -141,7 +147,14 @@ def run_trl_side(w: dict, a, mode: str) -> dict:
 
 def side_main(a) -> None:
     w = json.loads(Path(a.workload).read_text())
-    res = run_r1lab(w, a) if a.side == "r1lab" else run_trl_side(w, a, a.side.split(":", 1)[1])
+    if a.side.startswith("learn:"):
+        from bench import trl_learn
+
+        name = a.side.split(":", 1)[1]
+        run = trl_learn.run_r1lab_side if name == "r1lab" else trl_learn.run_trl_side
+        res = run(w, Path(a.out) / f"learn_{name}")
+    else:
+        res = run_r1lab(w, a) if a.side == "r1lab" else run_trl_side(w, a, a.side.split(":", 1)[1])
     Path(a.result).write_text(json.dumps(res, default=str))
 
 
@@ -172,6 +185,34 @@ def summarise(res: dict, batch: int) -> dict:
     return {"step_s": wall, "samples_per_s": batch / wall, "walls": walls, "phases": phases}
 
 
+def learn_main(a) -> None:
+    """--learn: each side trains in its own process (one after the other), then one engine evaluates both."""
+    from bench import trl_learn
+
+    t0 = time.perf_counter()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    w = trl_learn.prepare(out, a.sft, a.seed)
+    trl_learn.check_comparable(w)
+    workload = out / "learn_workload.json"
+    workload.write_text(json.dumps(w))
+    sides = {}
+    for name in ("r1lab", "trl"):
+        print(f"training the demo's GRPO stage with {name} ...", flush=True)
+        sides[name] = res = spawn(f"learn:{name}", a, workload)
+        if "unavailable" in res:
+            raise SystemExit(f"the {name} side failed: {res['unavailable']}")
+        print(f"  {name}: {res['train_s']:.0f} s", flush=True)
+    evals = trl_learn.evaluate(w, {"sft": w["sft"], "r1lab": sides["r1lab"]["model"], "trl": sides["trl"]["model"]},
+                               out / "learn_eval")
+    gap = trl_learn.report(w, sides, evals)
+    (out / "learn_summary.json").write_text(json.dumps({
+        "accuracy": {k: v["metrics"]["pass@1"] for k, v in evals.items()}, "learn_gap": gap,
+        "sides": sides, "grpo": w["grpo"], "eval": w["eval"]}, indent=1))
+    print(f"bench wall time {time.perf_counter() - t0:.0f} s")
+    print(f"learn_gap={gap:+.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5, help="measured steps per side")
@@ -183,6 +224,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--no-vllm-colocate", action="store_true", help="skip TRL's vLLM colocate mode")
+    ap.add_argument("--learn", action="store_true", help="learning per step on the demo's GRPO stage, not speed")
+    ap.add_argument("--sft", default=str(ROOT / "runs" / "demo" / "sft" / "final"),
+                    help="--learn: the SFT model both sides start from (trained with the demo's SFT stage if missing)")
+    ap.add_argument("--seed", type=int, default=None, help="--learn: trainer.seed of both sides (default: the demo's, 0); "
+                    "it sets the prompt order and the sampling seeds")
     ap.add_argument("--out", default=str(ROOT / "runs" / "grpo_vs_trl"))
     ap.add_argument("--side", default="", help=argparse.SUPPRESS)
     ap.add_argument("--workload", default="", help=argparse.SUPPRESS)
@@ -190,6 +236,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.side:
         return side_main(a)
+    if a.learn:
+        return learn_main(a)
     t_start = time.perf_counter()
     Path(a.out).mkdir(parents=True, exist_ok=True)
     w = build_workload(a)

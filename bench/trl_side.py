@@ -130,7 +130,8 @@ def run_trl(model_dir: str, prompts: list[str], answers: list[str], *, mode: str
             out_dir: str, micro_batch_size: int = 8, gradient_checkpointing: bool = False,
             chat_template: bool = False, threads: int | None = None, vllm_is_correction: bool = False,
             vllm_dtype: str | None = None, vllm_kv_cache_gb: float | None = None,
-            overrides: dict | None = None) -> dict:
+            overrides: dict | None = None, reward_funcs: list | None = None, columns: dict | None = None,
+            warmup_ramp_steps: int = 0, save_dir: str | None = None) -> dict:
     """Run warmup + steps GRPO optimizer steps through TRL's GRPOTrainer; return per measured step timings.
 
     prompts: final prompt texts (tokenised as they are), or with chat_template=True user messages that TRL
@@ -139,7 +140,10 @@ def run_trl(model_dir: str, prompts: list[str], answers: list[str], *, mode: str
     (forward/backward micro-batch; gradient accumulation makes up the rest of the batch). vllm_dtype: the dtype
     colocated vLLM runs in (default bfloat16 when bf16 else float32; TRL itself passes none, so vLLM would use the
     checkpoint's fp32). vllm_kv_cache_gb: vLLM CPU KV-cache size (default: TRL's gpu_memory_utilization=0.3).
-    overrides: extra GRPOConfig kwargs, applied last."""
+    overrides: extra GRPOConfig kwargs, applied last. reward_funcs: TRL reward functions instead of the trivial one;
+    columns: extra dataset columns (one list per name, aligned with prompts) that TRL hands them as keyword
+    arguments. warmup_ramp_steps: lr x min(1, (k + 1) / w) at optimizer step k (r1lab's linear warm-up; HF's
+    `constant_with_warmup` starts at 0 instead). save_dir: the trained model and tokenizer are saved there."""
     if mode not in ("default", "vllm_colocate"):
         raise ValueError(f"mode must be 'default' or 'vllm_colocate', got {mode!r}")
     if len(prompts) != len(answers):
@@ -193,7 +197,13 @@ def run_trl(model_dir: str, prompts: list[str], answers: list[str], *, mode: str
 
     ds_rows = {"prompt": ([[{"role": "user", "content": p}] for p in prompts] if chat_template else list(prompts)),
                "answer": [str(a) for a in answers]}
+    for name, values in (columns or {}).items():
+        if len(values) != len(prompts):
+            raise ValueError(f"column {name!r} has {len(values)} values for {len(prompts)} prompts")
+        ds_rows[name] = list(values)
     train_ds = Dataset.from_dict(ds_rows)
+    reward_funcs = reward_funcs or [_reward_contains_answer]
+    trainer_cls = _with_warmup_ramp(GRPOTrainer, warmup_ramp_steps) if warmup_ramp_steps else GRPOTrainer
 
     class _Cb(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
@@ -223,7 +233,7 @@ def run_trl(model_dir: str, prompts: list[str], answers: list[str], *, mode: str
             vg.LLM = _llm
         try:
             config = GRPOConfig(**cfg_kw)
-            trainer = GRPOTrainer(model=model_dir, reward_funcs=[_reward_contains_answer], args=config,
+            trainer = trainer_cls(model=model_dir, reward_funcs=reward_funcs, args=config,
                                   train_dataset=train_ds, callbacks=[_Cb()])
         except Exception as e:
             if mode == "vllm_colocate":
@@ -240,6 +250,9 @@ def run_trl(model_dir: str, prompts: list[str], answers: list[str], *, mode: str
                 raise TRLModeUnavailable(_why(e, "running a GRPO step with TRL's colocated vLLM")) from e
             raise
         total = time.perf_counter() - t0
+        if save_dir:
+            trainer.save_model(save_dir)
+            trainer.processing_class.save_pretrained(save_dir)
     except BaseException:
         _cleanup(trainer, torch)
         raise
@@ -255,7 +268,8 @@ def run_trl(model_dir: str, prompts: list[str], answers: list[str], *, mode: str
             else:
                 os.environ[k] = v
 
-    res = _summarise(rec, trainer, mode=mode, steps=steps, warmup=warmup, batch=batch, total=total)
+    res = _summarise(rec, trainer, mode=mode, steps=steps, warmup=warmup, batch=batch, total=total,
+                     reward_names=tuple("." + f.__name__ for f in reward_funcs))
     res["config"] = {k: (v if isinstance(v, (int, float, str, bool, type(None), dict, list)) else str(v))
                      for k, v in cfg_kw.items()}
     res["versions"] = {"trl": trl.__version__, "torch": torch.__version__,
@@ -267,6 +281,20 @@ def run_trl(model_dir: str, prompts: list[str], answers: list[str], *, mode: str
         json.dump(res, f, indent=1, default=str)
     _cleanup(trainer, torch)
     return res
+
+
+def _with_warmup_ramp(trainer_cls, steps: int):
+    """trainer_cls whose scheduler is lr x min(1, (k + 1) / steps) at optimizer step k."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    class Ramped(trainer_cls):
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if self.lr_scheduler is None:
+                self.lr_scheduler = LambdaLR(optimizer or self.optimizer, lambda k: min(1.0, (k + 1) / steps))
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+    return Ramped
 
 
 def _why(e: BaseException, what: str) -> str:
@@ -370,14 +398,15 @@ def _instrument(trainer, rec: _Recorder, torch) -> None:
     probe.register_forward_hook(hook)
 
 
-def _summarise(rec: _Recorder, trainer, *, mode, steps, warmup, batch, total) -> dict:
+def _summarise(rec: _Recorder, trainer, *, mode, steps, warmup, batch, total,
+               reward_names: tuple[str, ...] = ("._reward_contains_answer",)) -> dict:
     per: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     calls: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for name, dt, step in rec.events:
         key = None
         if name.endswith((".transformers.generate", ".vLLM.generate", ".transformers.generate_batch")):
             key = "generate"
-        elif name.endswith("._reward_contains_answer"):
+        elif name.endswith(reward_names):
             key = "reward"
         elif name.endswith(".sync_weights"):
             key = "weight_sync"

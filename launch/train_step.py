@@ -17,6 +17,7 @@ is how a change of world size (2 -> 1, 1 -> 2) is tested.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -110,7 +111,7 @@ def plain_loop(model_path: str, dtype: torch.dtype, batch: dict, steps: int, war
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rl.config import load_config, resolve_model_path
+    from rl.config import ConfigError, load_config, resolve_model_path
     from rl.grpo.config import GRPOConfig
     from rl.grpo.trainer_worker import TrainerWorker
 
@@ -127,9 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save")
     ap.add_argument("--load")
     ap.add_argument("--output")
+    ap.add_argument("--profile", help="write a torch-profiler table of the last step's update (rank 0) here")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
-    cfg = load_config(GRPOConfig, a.config, a.overrides)
+    try:
+        cfg = load_config(GRPOConfig, a.config, a.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+        return 2
     model_path = resolve_model_path(cfg.model.path)
     worker = TrainerWorker.from_env(cfg, model_path)
     rank, world = worker.rank, worker.world
@@ -156,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         batch["old_logp"] = lp["old_logp"]
         _sync(worker.device)
         t1 = time.perf_counter()
-        metrics = worker.update(batch)
+        with _profiled(a.profile if rank == 0 and step == a.warmup + a.steps - 1 else None):
+            metrics = worker.update(batch)
         _sync(worker.device)
         if step >= a.warmup:
             times.append(time.perf_counter() - t1)
@@ -191,6 +198,26 @@ def main(argv: list[str] | None = None) -> int:
         if a.output:
             Path(a.output).write_text(line + "\n")
     return 0
+
+
+@contextlib.contextmanager
+def _profiled(path: str | None):
+    """torch.profiler around the block when `path`: operators by self CPU time, then by total, written there."""
+    if not path:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        yield
+    avg = prof.key_averages()
+    Path(path).write_text("by self CPU time\n" + avg.table(sort_by="self_cpu_time_total", row_limit=40) +
+                          "\nby total CPU time\n" + avg.table(sort_by="cpu_time_total", row_limit=40) +
+                          "\nby self CPU time, operator and input shapes\n" +
+                          prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total",
+                                                                             row_limit=60, max_name_column_width=30,
+                                                                             max_shapes_column_width=90))
 
 
 def _sync(device: torch.device) -> None:

@@ -299,3 +299,22 @@ def test_overlapped_rollouts_are_never_more_than_k_steps_stale(k):
         RolloutQueue(-1)
     with pytest.raises(RuntimeError, match="out of order"):
         RolloutQueue(0).pop(3)
+
+
+def test_actor_malloc_tunables_add_huge_pages_and_keep_the_users():
+    from rl.grpo.driver import malloc_tunables, ray_runtime_env
+
+    assert malloc_tunables("") == "glibc.malloc.hugetlb=1"
+    assert malloc_tunables("glibc.malloc.arena_max=2") == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert malloc_tunables("glibc.malloc.hugetlb=0") == "glibc.malloc.hugetlb=0"   # the user's choice stands
+    assert "glibc.malloc.hugetlb" in ray_runtime_env()["env_vars"]["GLIBC_TUNABLES"]
+
+
+def test_actors_run_with_the_tunables(ray_local):
+    """The Ray workers the driver's runtime environment starts see them (glibc reads them at process start)."""
+    import os
+
+    import ray
+
+    got = ray.get(ray.remote(lambda: os.environ.get("GLIBC_TUNABLES", "")).options(num_cpus=0).remote())
+    assert "glibc.malloc.hugetlb=1" in got

@@ -11,7 +11,8 @@ from rl.grpo.microbatch import micro_batches, padding_frac
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_chunked_logprobs_match_reference_values_and_gradients(dtype, with_bias):
+@pytest.mark.parametrize("chunk", [8, 64])   # 8: W's gradient over several blocks of chunks (fp32 sum); 64: one
+def test_chunked_logprobs_match_reference_values_and_gradients(dtype, with_bias, chunk):
     torch.manual_seed(0)
     N, H, V = 37, 16, 50
     h = torch.randn(N, H, dtype=dtype, requires_grad=True)
@@ -29,7 +30,7 @@ def test_chunked_logprobs_match_reference_values_and_gradients(dtype, with_bias)
             t.grad = None
         return lp.detach(), ent.detach(), out
 
-    lp, ent, got = grads(chunked_token_logprobs, chunk=8)
+    lp, ent, got = grads(chunked_token_logprobs, chunk=chunk)
     lp_ref, ent_ref, want = grads(reference_token_logprobs)
     assert torch.allclose(lp, lp_ref, atol=1e-5) and torch.allclose(ent, ent_ref, atol=1e-4)
     for a, r in zip(got, want):   # fp32: exact up to rounding; bf16: the reference accumulates in bf16
@@ -56,6 +57,15 @@ def test_chunked_logprobs_with_logged_entropy_and_no_logp_grad(temperature):
             h.grad = w.grad = None
         for a, r in zip(got[0], got[1]):   # fp32 rounding: relative to the largest entry
             assert (a - r).abs().max() <= 1e-4 * r.abs().max(), use
+
+
+def test_weight_grad_blocks_are_whole_chunks_within_the_fp32_accumulator_bytes():
+    from rl.algos.logprobs import weight_grad_block
+
+    assert weight_grad_block(110, 896, 2) == 1760          # bf16 at Qwen2.5-0.5B's shape: 16 chunks of 110
+    assert weight_grad_block(110, 896, 4) == 880           # fp32: half the rows for the same bytes
+    assert weight_grad_block(8, 16, 4) == 16 and weight_grad_block(8, 8, 4) == 8
+    assert weight_grad_block(500, 64, 2) == 500            # never less than one chunk
 
 
 def test_chunked_logprobs_never_save_the_logits():

@@ -8,10 +8,13 @@ LM head), target tokens y [N] and a sampling temperature T,
 with exactly the gradients of the obvious implementation (`reference_token_logprobs`), but without ever holding
 the [N, V] logits: the forward runs over chunks of rows and keeps only h and the per-row logsumexp; the
 backward recomputes each chunk's logits. Peak extra memory is one chunk of fp32 logits (chunk x V x 4 bytes)
+and, in the backward, a block of logit gradients no larger than W's fp32 gradient (`weight_grad_block`),
 instead of several fp32 copies of all of them (at N = 16k and V = 151,936 that is ~10 GB per copy).
 
 Numerics: the matmul runs in the dtype of h and W (bf16 under mixed precision, like the model's own LM head),
-softmax/logsumexp in fp32, and the gradient of W is accumulated over chunks in fp32, then cast once.
+softmax/logsumexp in fp32; the gradient of W is one GEMM over a block of chunks' logit gradients (cast to that
+dtype, as for h's gradient), blocks of at most the fp32 [V, H] accumulator's bytes; several blocks are summed in
+fp32, then cast once.
 Differences from peers: like Liger's fused linear cross-entropy this never materialises the logits, but it
 returns per-token log-probs and entropies (what PPO/GRPO losses need), not a reduced loss, so any loss can be
 built on top; gradients arrive through autograd as usual.
@@ -59,39 +62,65 @@ class _ChunkedLogprobs(torch.autograd.Function):
         h, w, bias, targets, lse = ctx.saved_tensors
         T, chunk = ctx.temperature, ctx.chunk
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        n = h.shape[0]
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
         use_ent = ctx.with_entropy and g_ent is not None and g_ent.numel() > 0
         if g_logp is None:
-            g_logp = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
-        for s in range(0, h.shape[0], chunk):
-            hs, gl = h[s:s + chunk], g_logp[s:s + chunk, None]
-            z = _chunk_logits(hs, w, bias, T)
-            if use_ent:
-                # d logp/dz = onehot(y) - p ;  d ent/dz = -p * (z - E_p[z])
-                p = torch.exp(z - lse[s:s + chunk, None])
-                mean_z = (p * z).sum(-1, keepdim=True)
-                gz = z.sub_(mean_z).mul_(g_ent[s:s + chunk, None]).add_(gl).mul_(p).neg_()
-                del p
-            else:
-                gz = z.sub_(lse[s:s + chunk, None]).exp_().mul_(-gl)   # in place: one chunk buffer
-            gz.scatter_add_(-1, targets[s:s + chunk, None], gl)
-            if T != 1.0:
-                gz.div_(T)  # z = logits / T
-            if need_b:
-                grad_b += gz.sum(0)
-            gz = gz.to(h.dtype)
-            if need_h:
-                grad_h[s:s + chunk] = gz @ w
+            g_logp = torch.zeros(n, dtype=torch.float32, device=h.device)
+        block = weight_grad_block(chunk, w.shape[1], h.element_size())
+        acc, grad_w = None, None
+        for b0 in range(0, n, block):
+            b1 = min(n, b0 + block)
+            # the block's logit gradients in h's dtype: one [V, rows] x [rows, H] GEMM for W's gradient
+            buf = torch.empty(b1 - b0, w.shape[0], dtype=h.dtype, device=h.device) if need_w else None
+            for s in range(b0, b1, chunk):
+                e = min(b1, s + chunk)
+                gz = _chunk_grad(h[s:e], w, bias, targets[s:e], lse[s:e], g_logp[s:e, None],
+                                 g_ent[s:e, None] if use_ent else None, T)
+                if need_b:
+                    grad_b += gz.sum(0)
+                gz = buf[s - b0:e - b0].copy_(gz) if need_w else gz.to(h.dtype)
+                if need_h:
+                    grad_h[s:e] = gz @ w
+                del gz
             if need_w:
-                if gz.dtype == torch.float32:
-                    grad_w.addmm_(gz.t(), hs)
-                else:
-                    grad_w += (gz.t() @ hs).float()
-            del gz, z
+                part = buf.t() @ h[b0:b1]
+                del buf
+                if b0 == 0 and b1 == n:
+                    grad_w = part                       # one block: the GEMM accumulated in fp32 itself
+                else:                                   # several: accumulate the blocks in fp32
+                    acc = part.float() if acc is None else acc.add_(part)
+        if acc is not None:
+            grad_w = acc
         return (grad_h, grad_w.to(w.dtype) if need_w else None, grad_b.to(bias.dtype) if need_b else None,
                 None, None, None, None)
+
+
+def weight_grad_block(chunk: int, hidden: int, elem_size: int) -> int:
+    """Rows per GEMM of W's gradient: whole chunks whose logit gradients ([rows, V] in h's dtype) take at most
+    the bytes of the fp32 [V, H] accumulator (rows <= 4H / elem_size), at least one chunk. One GEMM over
+    many rows instead of one per chunk: at Qwen2.5-0.5B's shape (V 151,936, H 896, bf16, 512 rows) 0.59 s
+    against 2.6 s for per-chunk products added into an fp32 buffer (and no zero-filled [V, H] buffer)."""
+    return max(chunk, (4 * hidden // elem_size) // chunk * chunk)
+
+
+def _chunk_grad(hs, w, bias, targets, lse, gl, ge, T: float) -> torch.Tensor:
+    """d loss / d z of one chunk [rows, V] fp32 (z = logits / T), from the upstream gradients of logp (gl) and
+    of the entropy (ge, None when it has none)."""
+    z = _chunk_logits(hs, w, bias, T)
+    if ge is not None:
+        # d logp/dz = onehot(y) - p ;  d ent/dz = -p * (z - E_p[z])
+        p = torch.exp(z - lse[:, None])
+        mean_z = (p * z).sum(-1, keepdim=True)
+        gz = z.sub_(mean_z).mul_(ge).add_(gl).mul_(p).neg_()
+        del p
+    else:
+        gz = z.sub_(lse[:, None]).exp_().mul_(-gl)   # in place: one chunk buffer
+    gz.scatter_add_(-1, targets[:, None], gl)
+    if T != 1.0:
+        gz.div_(T)  # z = logits / T
+    return gz
 
 
 def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,

@@ -145,8 +145,23 @@ def check_moe_config(cfg: GRPOConfig, hf_config) -> None:
 
 def ray_runtime_env() -> dict:
     """The runtime environment every Ray instance the driver starts or joins gets: the tiny-model cache and the
-    import path of the submitting shell (reward plugins), so that actors resolve what the driver resolves."""
-    return {"env_vars": {k: os.environ[k] for k in ("R1LAB_CACHE_DIR", "PYTHONPATH") if k in os.environ}}
+    import path of the submitting shell (reward plugins), so that actors resolve what the driver resolves; and
+    glibc's malloc tunables (`malloc_tunables`)."""
+    env = {k: os.environ[k] for k in ("R1LAB_CACHE_DIR", "PYTHONPATH") if k in os.environ}
+    env["GLIBC_TUNABLES"] = malloc_tunables(os.environ.get("GLIBC_TUNABLES", ""))
+    return {"env_vars": env}
+
+
+def malloc_tunables(current: str) -> str:
+    """GLIBC_TUNABLES for the actors: `current` plus glibc.malloc.hugetlb=1 (transparent huge pages for malloc's
+    large chunks, glibc >= 2.35; older glibc and THP=never ignore it), unless `current` sets it already.
+    Why: every step allocates buffers of hundreds of MB afresh (FSDP's all-gather and reduce-scatter buffers,
+    fp32 gradient casts, the LM head's gradient) and first touches them page by page: at Qwen2.5-0.5B's shape
+    page faults cost ~30% of a trainer rank's update (system time), and fresh 545 MB buffers fill 8x faster
+    with huge pages (README "Throughput")."""
+    if "glibc.malloc.hugetlb" in current:
+        return current
+    return ":".join(x for x in (current, "glibc.malloc.hugetlb=1") if x)
 
 
 class GRPODriver:
