@@ -4,8 +4,9 @@ Both sides start from the demo's SFT model (`runs/demo/sft/final`, or one traine
 when it is missing) and train the demo's GRPO stage as `configs/demo.yaml` defines it: the same prompts in the
 same order (r1lab's `Cursor` order, handed to TRL unshuffled), the same rewards (r1lab's scorer, accuracy +
 0.1 x format, one function for TRL), 16 prompts x 16 samples per step, 64 new tokens at T=1, lr 1e-4 with
-r1lab's linear warm-up over 5 steps (TRL gets the identical LambdaLR), clip 0.2 / 0.28, token-mean loss over the
-whole batch (TRL's loss_type="dapo"), group-normalised advantages, beta 0, grad clip 1, fp32, 30 steps.
+r1lab's linear warm-up over 5 steps (TRL's LambdaLR is r1lab's own `lr_lambda`), clip 0.2 / 0.28, token-mean
+loss over the whole batch (TRL's loss_type="dapo"), group-normalised advantages, beta 0, grad clip 1, fp32, 30
+steps.
 Differences that remain and why: TRL generates with transformers `generate` in the trainer's own weights (no
 engine, so no rollout/trainer mismatch), r1lab with vLLM plus its token-level TIS correction; r1lab trains on
 two FSDP2 ranks, TRL on one process with gradient accumulation (the same global normaliser).
@@ -122,6 +123,7 @@ def make_reward(functions: list[str], weights: list[float]):
 
 def run_trl_side(w: dict, out: Path) -> dict:
     from bench.trl_side import run_trl
+    from rl.grpo.trainer_worker import lr_lambda
 
     g = w["grpo"]
     shutil.rmtree(out, ignore_errors=True)
@@ -131,7 +133,7 @@ def run_trl_side(w: dict, out: Path) -> dict:
                   warmup=0, n=g["n"], prompts_per_step=g["prompts"], max_new_tokens=g["max_new_tokens"],
                   lr=g["lr"], bf16=False, seed=g["seed"], out_dir=str(out), micro_batch_size=32, threads=2,
                   reward_funcs=[make_reward(g["functions"], g["weights"])], columns=cols,
-                  warmup_ramp_steps=g["warmup"], save_dir=str(out / "final"),
+                  lr_lambda=lr_lambda(grpo_config(w["sft"], out, g["seed"])), save_dir=str(out / "final"),
                   overrides={"epsilon": g["clip_low"], "epsilon_high": g["clip_high"], "max_grad_norm": g["grad_clip"],
                              "temperature": g["temperature"], "generation_kwargs": {}, "loss_type": "dapo",
                              "scale_rewards": "group"})

@@ -32,6 +32,7 @@ import re
 import time
 import traceback
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 _DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "VLLM_ENABLE_V1_MULTIPROCESSING")
@@ -131,7 +132,7 @@ def run_trl(model_dir: str, prompts: list[str], answers: list[str], *, mode: str
             chat_template: bool = False, threads: int | None = None, vllm_is_correction: bool = False,
             vllm_dtype: str | None = None, vllm_kv_cache_gb: float | None = None,
             overrides: dict | None = None, reward_funcs: list | None = None, columns: dict | None = None,
-            warmup_ramp_steps: int = 0, save_dir: str | None = None) -> dict:
+            lr_lambda: Callable[[int], float] | None = None, save_dir: str | None = None) -> dict:
     """Run warmup + steps GRPO optimizer steps through TRL's GRPOTrainer; return per measured step timings.
 
     prompts: final prompt texts (tokenised as they are), or with chat_template=True user messages that TRL
@@ -142,8 +143,9 @@ def run_trl(model_dir: str, prompts: list[str], answers: list[str], *, mode: str
     checkpoint's fp32). vllm_kv_cache_gb: vLLM CPU KV-cache size (default: TRL's gpu_memory_utilization=0.3).
     overrides: extra GRPOConfig kwargs, applied last. reward_funcs: TRL reward functions instead of the trivial one;
     columns: extra dataset columns (one list per name, aligned with prompts) that TRL hands them as keyword
-    arguments. warmup_ramp_steps: lr x min(1, (k + 1) / w) at optimizer step k (r1lab's linear warm-up; HF's
-    `constant_with_warmup` starts at 0 instead). save_dir: the trained model and tokenizer are saved there."""
+    arguments. lr_lambda: lr x lr_lambda(k) at optimizer step k instead of HF's schedule (e.g. r1lab's own,
+    `rl.grpo.trainer_worker.lr_lambda`, whose warm-up starts at lr / w where HF's `constant_with_warmup` starts at
+    0). save_dir: the trained model and tokenizer are saved there."""
     if mode not in ("default", "vllm_colocate"):
         raise ValueError(f"mode must be 'default' or 'vllm_colocate', got {mode!r}")
     if len(prompts) != len(answers):
@@ -203,7 +205,7 @@ def run_trl(model_dir: str, prompts: list[str], answers: list[str], *, mode: str
         ds_rows[name] = list(values)
     train_ds = Dataset.from_dict(ds_rows)
     reward_funcs = reward_funcs or [_reward_contains_answer]
-    trainer_cls = _with_warmup_ramp(GRPOTrainer, warmup_ramp_steps) if warmup_ramp_steps else GRPOTrainer
+    trainer_cls = _with_lr_lambda(GRPOTrainer, lr_lambda) if lr_lambda else GRPOTrainer
 
     class _Cb(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
@@ -283,14 +285,14 @@ def run_trl(model_dir: str, prompts: list[str], answers: list[str], *, mode: str
     return res
 
 
-def _with_warmup_ramp(trainer_cls, steps: int):
-    """trainer_cls whose scheduler is lr x min(1, (k + 1) / steps) at optimizer step k."""
+def _with_lr_lambda(trainer_cls, fn: Callable[[int], float]):
+    """trainer_cls whose scheduler is lr x fn(k) at optimizer step k."""
     from torch.optim.lr_scheduler import LambdaLR
 
     class Ramped(trainer_cls):
         def create_scheduler(self, num_training_steps, optimizer=None):
             if self.lr_scheduler is None:
-                self.lr_scheduler = LambdaLR(optimizer or self.optimizer, lambda k: min(1.0, (k + 1) / steps))
+                self.lr_scheduler = LambdaLR(optimizer or self.optimizer, fn)
                 self._created_lr_scheduler = True
             return self.lr_scheduler
 

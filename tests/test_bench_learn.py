@@ -1,5 +1,5 @@
 """The pieces `bench/grpo_vs_trl.py --learn` maps onto TRL: r1lab's scorer as one TRL reward function, and
-r1lab's linear warm-up as TRL's scheduler (HF's own warm-up starts at lr 0, r1lab's at lr / warmup_steps)."""
+r1lab's schedule as TRL's scheduler (HF's own warm-up starts at lr 0, r1lab's at lr / warmup_steps)."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench.trl_learn import make_reward
-from bench.trl_side import _with_warmup_ramp
+from bench.trl_side import _with_lr_lambda
 from rl.grpo.config import GRPOConfig
 from rl.grpo.trainer_worker import lr_lambda
 
@@ -30,20 +30,20 @@ def test_reward_failed_item_is_none_not_zero():
 
 
 @pytest.mark.parametrize("warmup", [1, 5])
-def test_warmup_ramp_matches_r1lab_schedule(warmup):
+def test_trl_follows_r1lab_schedule(warmup):
     class Base:
         def __init__(self):
             self.lr_scheduler = None
             self.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
 
-        def create_scheduler(self, num_training_steps, optimizer=None):  # what the ramp replaces
-            raise AssertionError("the ramp's own scheduler must be used")
+        def create_scheduler(self, num_training_steps, optimizer=None):  # HF's schedule, which it replaces
+            raise AssertionError("the given schedule must be used")
 
-    t = _with_warmup_ramp(Base, warmup)()
-    sched = t.create_scheduler(10)
     cfg = GRPOConfig()
     cfg.trainer.warmup_steps, cfg.trainer.max_steps = warmup, 10
     ours = lr_lambda(cfg)
+    t = _with_lr_lambda(Base, ours)()
+    sched = t.create_scheduler(10)
     for k in range(8):
         assert math.isclose(t.optimizer.param_groups[0]["lr"], 0.5 * ours(k)), k
         t.optimizer.step()
