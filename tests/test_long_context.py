@@ -216,7 +216,8 @@ def _trainer_rank(rank: int, world: int, ports: list, model_path: str, out: str)
             b["old_logp"], b["rollout_logp"] = lp, lp + 0.02 * torch.cos(torch.arange(lp.numel()).view(lp.shape))
             m = w.update(b)
             sums = w.state_sums()
-            comms = sorted({type(g._reduce_scatter_comm).__name__ for mod in w.model.modules()
+            comms = sorted({f"{type(g._reduce_scatter_comm).__name__} trim_heap={g._reduce_scatter_comm.trim_heap}"
+                            for mod in w.model.modules()
                             if hasattr(mod, "_get_fsdp_state") for g in mod._get_fsdp_state()._fsdp_param_groups})
         finally:
             w.shutdown()
@@ -238,8 +239,8 @@ def test_trainer_packed_and_sequence_parallel_updates_equal_padded(tiny, tmp_pat
     mp.spawn(_trainer_rank, args=(2, [free_port() for _ in range(3)], str(tiny.qwen2), str(out)), nprocs=2)
     res = json.loads(out.read_text())
     ref = res["padded"]
-    # every FSDP unit reduces gradients with rl.grpo.reduce_scatter.ReduceByOwner on gloo
-    assert all(r["comms"] == ["ReduceByOwner"] for r in res.values()), {k: r["comms"] for k, r in res.items()}
+    # every FSDP unit reduces gradients with rl.grpo.reduce_scatter.ReduceByOwner on gloo, trimming the heap
+    assert all(r["comms"] == ["ReduceByOwner trim_heap=True"] for r in res.values()), {k: r["comms"] for k, r in res.items()}
     assert ref["metrics"]["perf/padding_frac"] > 0.05 > res["packed"]["metrics"]["perf/padding_frac"]
     for name in ("packed", "sp2"):
         r = res[name]

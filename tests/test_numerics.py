@@ -11,10 +11,11 @@ from rl.grpo.microbatch import micro_batches, padding_frac
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("chunk", [8, 64])   # 8: W's gradient over several blocks of chunks (fp32 sum); 64: one
-def test_chunked_logprobs_match_reference_values_and_gradients(dtype, with_bias, chunk):
+@pytest.mark.parametrize("chunk", [8, 64])
+@pytest.mark.parametrize("N", [37, 12])   # H 16: 37 rows walk the vocabulary in three slices, 12 rows in one
+def test_chunked_logprobs_match_reference_values_and_gradients(dtype, with_bias, chunk, N):
     torch.manual_seed(0)
-    N, H, V = 37, 16, 50
+    H, V = 16, 50
     h = torch.randn(N, H, dtype=dtype, requires_grad=True)
     w = torch.randn(V, H, dtype=dtype, requires_grad=True)
     b = torch.randn(V, dtype=dtype, requires_grad=True) if with_bias else None
@@ -59,13 +60,14 @@ def test_chunked_logprobs_with_logged_entropy_and_no_logp_grad(temperature):
             assert (a - r).abs().max() <= 1e-4 * r.abs().max(), use
 
 
-def test_weight_grad_blocks_are_whole_chunks_within_the_fp32_accumulator_bytes():
-    from rl.algos.logprobs import weight_grad_block
+def test_vocab_slices_keep_the_logit_gradient_buffer_within_the_weight_gradient():
+    from rl.algos.logprobs import vocab_slices
 
-    assert weight_grad_block(110, 896, 2) == 1760          # bf16 at Qwen2.5-0.5B's shape: 16 chunks of 110
-    assert weight_grad_block(110, 896, 4) == 880           # fp32: half the rows for the same bytes
-    assert weight_grad_block(8, 16, 4) == 16 and weight_grad_block(8, 8, 4) == 8
-    assert weight_grad_block(500, 64, 2) == 500            # never less than one chunk
+    assert vocab_slices(896, 896) == 1 and vocab_slices(1, 896) == 1   # rows <= H: one slice
+    assert vocab_slices(2080, 896) == 3 and vocab_slices(16448, 896) == 19
+    for rows in range(1, 5000, 37):   # [rows, ceil(V / slices)] never larger than [V, H]
+        s = vocab_slices(rows, 896)
+        assert rows * -(-151936 // s) <= 151936 * 896 + rows and (s == 1 or rows * -(-151936 // (s - 1)) > 151936 * 896)
 
 
 def test_chunked_logprobs_never_save_the_logits():
@@ -76,7 +78,7 @@ def test_chunked_logprobs_never_save_the_logits():
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         lp, ent = chunked_token_logprobs(h, w, torch.randint(0, V, (N,)), chunk=16, with_entropy=True)
-    assert max(saved) < N * V and sum(saved) <= N * H + V * H + 2 * N
+    assert max(saved) < N * V and sum(saved) <= N * H + V * H + 3 * N   # + logsumexp and entropy per row
     (lp.sum() + ent.sum()).backward()
     assert h.grad is not None and w.grad is not None
 

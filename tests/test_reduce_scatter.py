@@ -1,5 +1,6 @@
 """FSDP2's reduce-scatter on gloo as reduces to each chunk's owner (rl/grpo/reduce_scatter.py): the same values
-as torch's reduce-scatter, on two gloo ranks; and the trainer installs it on every FSDP unit."""
+as torch's reduce-scatter, on two gloo ranks; and the trainer installs it on every FSDP unit. Its heap trim
+(rl/grpo/heap.py) gives freed memory back."""
 from __future__ import annotations
 
 import json
@@ -60,3 +61,43 @@ def test_reduce_by_owner_refuses_other_ops():
 
     with pytest.raises(ValueError, match="SUM or AVG"):
         ReduceByOwner()(torch.empty(2), torch.empty(4), G(), dist.ReduceOp.MAX)
+
+
+def test_release_free_heap_returns_freed_blocks_to_the_os():
+    """Blocks below every mmap threshold (64 KB) come from the heap; freed under a block still in use they stay
+    resident until release_free_heap (glibc malloc_trim) gives them back."""
+    import ctypes
+
+    from rl.grpo.heap import _malloc_trim, release_free_heap
+
+    if _malloc_trim() is None:
+        pytest.skip("not glibc: nothing to trim with")
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+
+    def rss_mb():
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    blocks = [libc.malloc(64 << 10) for _ in range(3200)]   # 200 MB
+    for b in blocks:
+        ctypes.memset(b, 1, 64 << 10)
+    keep = libc.malloc(64 << 10)                              # in use above them: no automatic trim
+    for b in blocks:
+        libc.free(b)
+    before = rss_mb()
+    release_free_heap()
+    after = rss_mb()
+    libc.free(keep)
+    assert before - after > 150, (before, after)
+
+
+def test_reduce_by_owner_trims_the_heap_before_allocating(monkeypatch):
+    import rl.grpo.reduce_scatter as rs
+
+    calls = []
+    monkeypatch.setattr(rs, "release_free_heap", lambda: calls.append(1) or True)
+    t = rs.ReduceByOwner(trim_heap=True).allocate((5,), dtype=torch.float32, device=torch.device("cpu"))
+    assert t.shape == (5,) and calls == [1]
+    rs.ReduceByOwner().allocate((5,), dtype=torch.float32, device=torch.device("cpu"))
+    assert calls == [1]

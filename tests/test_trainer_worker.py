@@ -69,6 +69,10 @@ def test_bf16_compute_updates_fp32_masters_and_pushes_their_bf16_cast(tiny, tmp_
         after = w.state_sums()
         params = [k for k in before if k.startswith("param:")]
         assert all(p.dtype == torch.float32 for p in w.model.parameters())
+        # one CPU rank: every FSDP unit's reduce hook gives the backward's freed heap back (rl/grpo/heap.py)
+        comms = [g._reduce_scatter_comm for mod in w.model.modules() if hasattr(mod, "_get_fsdp_state")
+                 for g in mod._get_fsdp_state()._fsdp_param_groups]
+        assert comms and all(getattr(c, "trim_heap", False) for c in comms), comms
         changed = [k for k in params if after[k] != before[k]]
         assert len(changed) == len(params), sorted(set(params) - set(changed))
         received = {}

@@ -137,11 +137,12 @@ def load_model(path: str, mc, device: torch.device, mesh, *, trainable: bool, ch
           if trainable and dtype != torch.float32 else MixedPrecisionPolicy())
     units = [fully_shard(layer, mesh=mesh, mp_policy=mp) for layer in wrapper.hf.get_decoder().layers]
     units.append(fully_shard(wrapper, mesh=mesh, mp_policy=mp))
-    if trainable and mesh.size() > 1 and mesh.get_group().name() == "gloo":
-        from rl.grpo.reduce_scatter import install   # gloo's reduce-scatter is an all-reduce: see there
+    if trainable and mesh.get_group().name() == "gloo":
+        # gloo's reduce-scatter is an all-reduce, and a CPU backward leaves freed heap resident: see there
+        from rl.grpo.reduce_scatter import install
 
         for unit in units:
-            install(unit)
+            install(unit, trim_heap=device.type == "cpu")
     if not trainable:
         wrapper.eval()
         wrapper.requires_grad_(False)

@@ -8,8 +8,10 @@ own chunk: each rank sends and receives only what a reduce-scatter must, and glo
 Measured on two gloo ranks of this machine, 545 MB of fp32 gradients (the tied embedding / LM head at
 Qwen2.5-0.5B's shape): 0.75-0.81 s and 521 MB of extra peak memory per rank -> 0.57-0.59 s and none; the
 results are bitwise equal (fp32 sums of two ranks).
-Installed by `install(module)` on every FSDP unit of a trainer on gloo with more than one rank
-(rl/grpo/fsdp_model.py); NCCL keeps its own reduce-scatter.
+Installed by `install(module)` on every FSDP unit of a trainer on gloo (rl/grpo/fsdp_model.py); NCCL keeps its
+own reduce-scatter. With `trim_heap` (every CPU trainer, one rank too, where FSDP2 allocates through the hook but
+never reduces), `allocate` first returns the heap's freed memory to the OS (rl/grpo/heap.py): the hook is FSDP2's
+one public point in each unit's backward, just before its largest allocations.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from rl.grpo.heap import release_free_heap
+
 try:   # FSDP2's comm hooks (torch >= 2.8); without them FSDP keeps its default
     from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 except ImportError:  # pragma: no cover - older torch
@@ -25,9 +29,16 @@ except ImportError:  # pragma: no cover - older torch
 
 
 class ReduceByOwner(ReduceScatter):
-    """reduce_scatter(output [n], input [k * n], op) as k reduces of input's chunks to their owners."""
+    """reduce_scatter(output [n], input [k * n], op) as k reduces of input's chunks to their owners.
+    trim_heap: release the heap's free memory before each allocation (rl/grpo/heap.py)."""
+
+    def __init__(self, trim_heap: bool = False):
+        super().__init__()
+        self.trim_heap = trim_heap
 
     def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if self.trim_heap:
+            release_free_heap()
         return torch.empty(*size, dtype=dtype, device=device)
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
@@ -47,10 +58,10 @@ class ReduceByOwner(ReduceScatter):
             output_tensor.div_(k)
 
 
-def install(module) -> bool:
+def install(module, *, trim_heap: bool = False) -> bool:
     """Use ReduceByOwner for `module`'s FSDP unit (a module `fully_shard` returned). False when this torch has no
     custom-comm hook."""
     if ReduceScatter is object or not hasattr(module, "set_custom_reduce_scatter"):
         return False
-    module.set_custom_reduce_scatter(ReduceByOwner())
+    module.set_custom_reduce_scatter(ReduceByOwner(trim_heap=trim_heap))
     return True
