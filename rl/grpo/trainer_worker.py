@@ -42,6 +42,7 @@ from rl.algos.assemble import LossTerms, Normalisers, assemble_loss
 from rl.grpo.collective_watch import CheckIn, collective
 from rl.grpo.config import GRPOConfig
 from rl.grpo.fsdp_model import compute_dtype, load_model
+from rl.grpo.heap import release_free_heap
 from rl.grpo.microbatch import computed_tokens, plan_micro_batches
 from rl.grpo.sequence_parallel import check_heads, make_sp_group
 from rl.moe.trainer_routing import RECORD_KEY, TrainerRouting, finish_weighted, packed_mask, record_of
@@ -302,6 +303,8 @@ class TrainerWorker:
             # FSDP averages gradients over ranks; the normalisers are already global, so undo the mean. With
             # sequence parallelism every rank of a group holds this same loss, but its backward reaches only the
             # rank's own tokens (rl.grpo.sequence_parallel.gather_seq): the group's ranks add up to one gradient
+            if self.device.type == "cpu":
+                release_free_heap()   # the forward's freed blocks, before the backward allocates (rl/grpo/heap.py)
             (loss * self.world).backward()
             metrics.update(extra)
             if self.routing is not None:
