@@ -1,4 +1,4 @@
-"""Give a CPU trainer's freed heap memory back to the operating system during the backward.
+"""Give a CPU trainer's freed heap memory back to the operating system before and during the backward.
 
 Why: on CPU, tensors live in glibc's malloc. Tensors above the mmap threshold (dynamic, up to 32 MB) are mapped
 and unmapped one by one, but the many smaller ones of a backward with gradient checkpointing (each layer's

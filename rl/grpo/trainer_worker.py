@@ -300,11 +300,11 @@ class TrainerWorker:
                 distill_baseline=float(batch["distill_baseline"]) if "distill_baseline" in batch else 0.0,
                 moe_aux_loss=rec.aux_loss if rec is not None and self.terms.moe_aux_coef > 0 else None,
                 moe_aux_share=self.routing.aux_share(rec, n_real) if rec is not None else 1.0)
+            if self.device.type == "cpu":
+                release_free_heap()   # the forward's freed blocks, before the backward allocates (rl/grpo/heap.py)
             # FSDP averages gradients over ranks; the normalisers are already global, so undo the mean. With
             # sequence parallelism every rank of a group holds this same loss, but its backward reaches only the
             # rank's own tokens (rl.grpo.sequence_parallel.gather_seq): the group's ranks add up to one gradient
-            if self.device.type == "cpu":
-                release_free_heap()   # the forward's freed blocks, before the backward allocates (rl/grpo/heap.py)
             (loss * self.world).backward()
             metrics.update(extra)
             if self.routing is not None:
