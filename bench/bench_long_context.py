@@ -8,8 +8,8 @@ layers (the same for every point; 24 is the real depth). The row: a 64-token pro
 one micro-batch. Each point runs in fresh processes; the peak is each rank's VmHWM during --updates steps (reset
 after start-up, so loading the full model before sharding does not count; from the second step on AdamW's
 moments are held during forward and backward, as in any real run), and the table shows the largest over the
-ranks, the step time that of the last step. A point runs only when the peaks fitted so far predict that it fits this machine's free memory (and
-32k is tried last). Timings are noisy on a shared machine; the memory is what this measures.
+ranks, the step time that of the last step. A point runs only when the peaks fitted so far predict that it fits
+this machine's free memory (and 32k is tried last). Timings are noisy on a shared machine; the memory is what this measures.
 
 Prints the table, the fitted slope of peak memory in L for each k (MB per 1k tokens, and the largest deviation
 from the line), then `max_len_sp2=` (the longest L that trained at k=2) and last `peak_ratio=` (per-rank peak
@@ -80,8 +80,8 @@ def _rank(rank: int, k: int, port: int, model: str, L: int, threads: int, out: s
 
 
 def run_point(model: str, L: int, k: int, threads: int, updates: int) -> dict | None:
-    """One training step at length L over k ranks in fresh processes; None when a rank died (e.g. killed for
-    memory)."""
+    """`updates` training steps at length L over k ranks in fresh processes; None when a rank died (e.g. killed
+    for memory)."""
     import torch.multiprocessing as mp
 
     out = tempfile.mktemp(prefix="r1lab-long-")
