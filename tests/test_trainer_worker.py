@@ -144,3 +144,23 @@ def _fresh_state(path):
     from transformers import AutoModelForCausalLM
 
     return {"lm." + k: v for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
+
+
+def test_release_heap_false_leaves_the_heap_alone(tiny, monkeypatch):
+    """trainer.release_heap=false: no FSDP unit's reduce hook trims, and a step never calls the trim."""
+    import rl.grpo.trainer_worker as tw
+
+    calls = []
+    monkeypatch.setattr(tw, "release_free_heap", lambda: calls.append(1) or True)
+    cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", ["trainer.release_heap=false", "trainer.threads=1"])
+    w = _worker(cfg, tiny.qwen2)
+    try:
+        comms = [g._reduce_scatter_comm for mod in w.model.modules() if hasattr(mod, "_get_fsdp_state")
+                 for g in mod._get_fsdp_state()._fsdp_param_groups]
+        assert comms and not any(c.trim_heap for c in comms)
+        batch = _batch(w)
+        batch["old_logp"] = w.compute_logprobs(batch)["old_logp"]
+        w.update(batch)
+        assert calls == []
+    finally:
+        w.shutdown()

@@ -105,12 +105,13 @@ class TokenLogprobModel(nn.Module):
 
 
 def load_model(path: str, mc, device: torch.device, mesh, *, trainable: bool, chunk: int = DEFAULT_CHUNK,
-               packing: bool = False, sp: SPGroup | None = None) -> TokenLogprobModel:
+               packing: bool = False, sp: SPGroup | None = None, release_heap: bool = False) -> TokenLogprobModel:
     """An FSDP2-sharded TokenLogprobModel of the HF model at `path`.
 
     trainable: fp32 master weights with the mixed-precision policy of `mc.dtype` (and LoRA adapters when
     mc.lora_r > 0); frozen: weights in the compute dtype, eval mode, no gradients. packing: attention through
-    rl.grpo.sequence_parallel's packed attention (packed rows only), split over the group `sp`."""
+    rl.grpo.sequence_parallel's packed attention (packed rows only), split over the group `sp`. release_heap: on
+    CPU, each unit's gradient reduce first gives the heap's freed memory back (rl/grpo/heap.py)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoModelForCausalLM
 
@@ -142,7 +143,7 @@ def load_model(path: str, mc, device: torch.device, mesh, *, trainable: bool, ch
         from rl.grpo.reduce_scatter import install
 
         for unit in units:
-            install(unit, trim_heap=device.type == "cpu")
+            install(unit, trim_heap=release_heap and device.type == "cpu")
     if not trainable:
         wrapper.eval()
         wrapper.requires_grad_(False)

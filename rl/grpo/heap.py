@@ -20,7 +20,11 @@ the same step time (64-65 s).
 What it implements: `release_free_heap()` (glibc's malloc_trim, a no-op where there is no glibc), called on every
 CPU trainer by rl.grpo.reduce_scatter's FSDP2 comm hook whenever FSDP2 allocates a unit's gradient-reduce buffer
 (its only public per-unit point in the backward), and by the trainer between each micro-batch's forward and
-backward (rl/grpo/trainer_worker.py). Not used on GPUs: there the tensors are in the CUDA caching allocator.
+backward (rl/grpo/trainer_worker.py), when `trainer.release_heap` is true (the default). Not used on GPUs: there
+the tensors are in the CUDA caching allocator. The cost: released pages are faulted in again when the memory is
+reused. In launch/train_step.py it did not show (above); through Ray at the same shape (bench_real_shape.py,
+glibc huge pages) the update took 20.6-22.0 s with it against 18.1 s without (one run each way or two: noisy,
+but maybe 10-20%), so short-sequence throughput runs with memory to spare may turn it off.
 Alternatives measured and not taken: a fixed `glibc.malloc.mmap_threshold` of 4 MB (every larger tensor mapped
 and unmapped: peak about as low, steps 7-25% slower from page faults); keeping gradients allocated between
 steps (`zero_grad(set_to_none=False)`: no change in the peak).

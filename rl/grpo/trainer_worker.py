@@ -113,7 +113,8 @@ class TrainerWorker:
         torch.manual_seed(tc.seed + rank)
         self.dtype = compute_dtype(cfg.model.dtype)
         kw = dict(packing=self.packing, sp=self.sp)
-        self.model = load_model(model_path, cfg.model, self.device, self.mesh, trainable=True, **kw)
+        self.model = load_model(model_path, cfg.model, self.device, self.mesh, trainable=True,
+                                release_heap=cfg.trainer.release_heap, **kw)
         frozen = lambda p: load_model(p, cfg.model, self.device, self.mesh, trainable=False, **kw)  # noqa: E731
         self.ref = frozen(self.base_path) if cfg.algo.kl_coef > 0 else None
         self.teacher = frozen(cfg.algo.distill_teacher) if cfg.algo.distill_teacher else None
@@ -300,7 +301,7 @@ class TrainerWorker:
                 distill_baseline=float(batch["distill_baseline"]) if "distill_baseline" in batch else 0.0,
                 moe_aux_loss=rec.aux_loss if rec is not None and self.terms.moe_aux_coef > 0 else None,
                 moe_aux_share=self.routing.aux_share(rec, n_real) if rec is not None else 1.0)
-            if self.device.type == "cpu":
+            if self.device.type == "cpu" and cfg.trainer.release_heap:
                 release_free_heap()   # the forward's freed blocks, before the backward allocates (rl/grpo/heap.py)
             # FSDP averages gradients over ranks; the normalisers are already global, so undo the mean. With
             # sequence parallelism every rank of a group holds this same loss, but its backward reaches only the
