@@ -20,7 +20,6 @@ at k=2 over k=1 at the longest L both trained).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -48,6 +47,7 @@ def _rank(rank: int, k: int, port: int, model: str, L: int, threads: int, out: s
 
     from rl.config import load_config
     from rl.grpo.config import GRPOConfig
+    from rl.grpo.heap import release_free_heap
     from rl.grpo.trainer_worker import TrainerWorker
 
     n = PROMPT + L
@@ -64,7 +64,7 @@ def _rank(rank: int, k: int, port: int, model: str, L: int, threads: int, out: s
              "attention_mask": torch.ones(1, n, dtype=torch.long), "response_mask": resp,
              "rollout_logp": torch.zeros(1, n), "adv": torch.ones(1)}
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)   # start-up's freed memory back to the OS before the peak is reset
+    release_free_heap()                        # start-up's freed memory back to the OS before the peak is reset
     base = _vm("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")                           # VmHWM := VmRSS

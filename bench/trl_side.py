@@ -289,14 +289,14 @@ def _with_lr_lambda(trainer_cls, fn: Callable[[int], float]):
     """trainer_cls whose scheduler is lr x fn(k) at optimizer step k."""
     from torch.optim.lr_scheduler import LambdaLR
 
-    class Ramped(trainer_cls):
+    class WithLrLambda(trainer_cls):
         def create_scheduler(self, num_training_steps, optimizer=None):
             if self.lr_scheduler is None:
                 self.lr_scheduler = LambdaLR(optimizer or self.optimizer, fn)
                 self._created_lr_scheduler = True
             return self.lr_scheduler
 
-    return Ramped
+    return WithLrLambda
 
 
 def _why(e: BaseException, what: str) -> str:

@@ -31,6 +31,12 @@ def _batch(worker, tokens=256):
     return b
 
 
+def _reduce_comms(w) -> list:
+    """The gradient reduce-scatter hook of every FSDP unit of the worker's model."""
+    return [g._reduce_scatter_comm for mod in w.model.modules() if hasattr(mod, "_get_fsdp_state")
+            for g in mod._get_fsdp_state()._fsdp_param_groups]
+
+
 def test_kl_reference_is_the_base_model_also_when_starting_from_a_checkpoint(tiny, tiny_sft):
     """A resumed run starts the policy from its checkpoint, but the KL reference must stay the base model
     (it used to be loaded from the checkpoint, i.e. the current policy, so the KL was ~0 after a resume)."""
@@ -70,8 +76,7 @@ def test_bf16_compute_updates_fp32_masters_and_pushes_their_bf16_cast(tiny, tmp_
         params = [k for k in before if k.startswith("param:")]
         assert all(p.dtype == torch.float32 for p in w.model.parameters())
         # one CPU rank: every FSDP unit's reduce hook gives the backward's freed heap back (rl/grpo/heap.py)
-        comms = [g._reduce_scatter_comm for mod in w.model.modules() if hasattr(mod, "_get_fsdp_state")
-                 for g in mod._get_fsdp_state()._fsdp_param_groups]
+        comms = _reduce_comms(w)
         assert comms and all(getattr(c, "trim_heap", False) for c in comms), comms
         changed = [k for k in params if after[k] != before[k]]
         assert len(changed) == len(params), sorted(set(params) - set(changed))
@@ -155,8 +160,7 @@ def test_release_heap_false_leaves_the_heap_alone(tiny, monkeypatch):
     cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", ["trainer.release_heap=false", "trainer.threads=1"])
     w = _worker(cfg, tiny.qwen2)
     try:
-        comms = [g._reduce_scatter_comm for mod in w.model.modules() if hasattr(mod, "_get_fsdp_state")
-                 for g in mod._get_fsdp_state()._fsdp_param_groups]
+        comms = _reduce_comms(w)
         assert comms and not any(c.trim_heap for c in comms)
         batch = _batch(w)
         batch["old_logp"] = w.compute_logprobs(batch)["old_logp"]
