@@ -1,7 +1,8 @@
 """Quantized rollout (issue 29): what int8 weights buy in the engine, and whether learning keeps up.
 
-Part 1, `engine` (Qwen2.5-0.5B's shape, random init, bf16 on disk): one vLLM CPU engine per precision, each in
-its own process, the same 8 prompts x 8 samples x 64 new tokens (min_tokens = max_tokens, so every run decodes the same
+Part 1, `engine` (Qwen2.5-0.5B's shape, random init, bf16 on disk): one vLLM CPU engine per precision (bf16; int8
+decoder layers with the LM head in bf16; int8 with the LM head int8 too, `rollout.int8_lm_head`), each in its own
+process, the same 8 prompts x 8 samples x 64 new tokens (min_tokens = max_tokens, so every run decodes the same
 number of tokens), T=1. Per precision: generation tokens/s (best of 3 timed runs after a warm-up), the in-place
 reload of the whole model from its bf16 files (int8: re-quantized in the engine, what every weight sync does),
 and the mean |log-prob difference| of the sampled tokens against transformers in fp32 (the trainer's reference
@@ -14,7 +15,12 @@ correction, and with an int8 rollout under each correction in --corrections; eve
 the same harness on the demo's held-out problems (128 x 8 at T=1, a full-precision engine). `parity` = held-out
 accuracy of int8 + the first correction in --corrections minus the full-precision run's.
 
+`--int8-lm-head` picks the int8 setting both parts report: the int8 runs of `learn` use `rollout.int8_lm_head=true`
+and `gen_speedup` is int8 + int8 head over bf16 (without it: int8 with a bf16 head over bf16; the engine part
+prints all three rows either way).
+
   .venv/bin/python bench/quantized_rollout.py [--part engine|learn|all] [--corrections token_tis,icepop]
+                                              [--int8-lm-head]
 Last line: `gen_speedup=X parity=Y` (goals X >= 1.3, Y >= -0.03).
 """
 from __future__ import annotations
@@ -44,7 +50,9 @@ def engine_side(mode: str, prompts: int, n: int, new_tokens: int) -> dict:
 
     src = resolve_model_path(SHAPE)
     t0 = time.perf_counter()
-    llm = make_llm(src, dtype="bfloat16", in_process=True, enforce_eager=False, kv_cache_gb=1, quantization=mode)
+    quant, head = ("int8", True) if mode == "int8_head" else (mode, False)
+    llm = make_llm(src, dtype="bfloat16", in_process=True, enforce_eager=False, kv_cache_gb=1, quantization=quant,
+                   int8_lm_head=head)
     start_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(0)
     ids = [torch.randint(100, 5000, (48,), generator=g).tolist() for _ in range(prompts)]
@@ -111,21 +119,27 @@ def quantize_cost() -> dict:
             "int8_mb": sum(x.numel() * x.element_size() for _, x in out) / 2**20}
 
 
+ENGINE_MODES = {"none": "bf16", "int8": "int8", "int8_head": "int8+head"}
+
+
+def int8_tag(a) -> str:
+    return "int8h" if a.int8_lm_head else "int8"
+
+
 def run_engine_part(a) -> dict:
     rows = {}
-    for mode in ("none", "int8"):
+    for mode in ENGINE_MODES:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             subprocess.run([sys.executable, __file__, "--side", mode, "--out", f.name, "--prompts", str(a.prompts),
                             "--new-tokens", str(a.new_tokens), "--n", str(a.n)], check=True, cwd=ROOT)
             rows[mode] = json.loads(Path(f.name).read_text())
     rows["quantize"] = quantize_cost()
     print(f"\nengine at Qwen2.5-0.5B's shape, {a.prompts} prompts x {a.n} samples x {a.new_tokens} tokens, T=1, one vLLM CPU engine")
-    print(f"{'rollout':<8} {'tokens/s':>9} {'gen s':>7} {'reload s':>9} {'(checked)':>10} {'|dlogp| vs fp32':>16} "
+    print(f"{'rollout':<10} {'tokens/s':>9} {'gen s':>7} {'reload s':>9} {'(checked)':>10} {'|dlogp| vs fp32':>16} "
           f"{'start s':>8}")
-    for mode in ("none", "int8"):
+    for mode, name in ENGINE_MODES.items():
         r = rows[mode]
-        name = "bf16" if mode == "none" else mode
-        print(f"{name:<8} {r['tokens_per_s']:>9.1f} {r['gen_s']:>7.2f} {r['reload_s']:>9.2f} "
+        print(f"{name:<10} {r['tokens_per_s']:>9.1f} {r['gen_s']:>7.2f} {r['reload_s']:>9.2f} "
               f"{r['reload_checked_s']:>10.2f} {r['logprob_diff']:>16.4f} {r['start_s']:>8.1f}")
     q = rows["quantize"]
     print(f"quantizing every linear weight: {q['quantize_s']:.2f}s ({q['quantize_checked_s']:.2f}s with the "
@@ -151,8 +165,9 @@ def run_learn_part(a) -> dict:
         run_sft_stage(cfg, data, sft)
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [("full", "none", None), ("int8", "int8", "none")] + [
-        (f"int8+{c}", "int8", c) for c in a.corrections.split(",") if c]
+    tag = int8_tag(a)                      # int8h: the LM head int8 too (its own run directories)
+    runs = [("full", "none", None), (tag, "int8", "none")] + [
+        (f"{tag}+{c}", "int8", c) for c in a.corrections.split(",") if c]
     evals = [f"eval.{k}={v}" for k, v in vars(cfg.eval).items()] + ["eval.top_p=1.0", "eval.benchmark="]
     dcfg = cfg.distill.load(DistillConfig, data + evals + [f"teacher.path={sft / 'final'}", f"output_dir={out}"])
     heldout = _heldout(dcfg, out)
@@ -162,6 +177,7 @@ def run_learn_part(a) -> dict:
         t0 = time.perf_counter()
         if not (d / "final" / "config.json").exists():
             extra = [f"rollout.quantization={quant}"] + ([f"algo.rollout_correction={corr}"] if corr else [])
+            extra += ["rollout.int8_lm_head=true"] if quant == "int8" and a.int8_lm_head else []
             g = cfg.grpo.load(GRPOConfig, data + [f"model.path={sft / 'final'}", f"log.output_dir={d}",
                                                   "log.val_every=0", "log.progress=false", "checkpoint.every=0",
                                                   "resources.ray_address=local"] + extra)
@@ -173,7 +189,8 @@ def run_learn_part(a) -> dict:
                       "logprob_diff": sum(lp) / max(1, len(lp)),
                       "reward_last5": sum(r["rollout/reward_mean"] for r in last[-5:]) / 5,
                       "gen_s": sum(r["perf/gen_s"] for r in last)}
-    print(f"\nthe demo's GRPO stage ({cfg.grpo.overrides}), held-out {heldout}: 128 x 8 at T=1")
+    print(f"\nthe demo's GRPO stage ({cfg.grpo.overrides}), held-out {heldout}: 128 x 8 at T=1; int8 runs with the "
+          f"LM head {'int8' if a.int8_lm_head else 'bf16'}")
     print(f"{'rollout':<16} {'held-out acc':>12} {'mean |dlogp|':>13} {'reward last 5':>14} {'gen s total':>12}")
     for name, r in rows.items():
         print(f"{name:<16} {r['accuracy']:>12.3f} {r['logprob_diff']:>13.4f} {r['reward_last5']:>14.3f} "
@@ -189,7 +206,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--corrections", default="token_tis,icepop",
                     help="int8 runs with these algo.rollout_correction modes; the first one gives parity=")
-    ap.add_argument("--out-dir", default="runs/bench_quantized")
+    ap.add_argument("--int8-lm-head", action="store_true",
+                    help="the int8 setting reported (learn runs, gen_speedup): with the LM head int8 too")
+    ap.add_argument("--out-dir", default="runs/bench_quantized", help="the learn part's runs (reused when present)")
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -201,10 +220,11 @@ def main() -> None:
     speedup = parity = float("nan")
     if a.part in ("engine", "all"):
         e = run_engine_part(a)
-        speedup = e["int8"]["tokens_per_s"] / e["none"]["tokens_per_s"]
+        speedup = e["int8_head" if a.int8_lm_head else "int8"]["tokens_per_s"] / e["none"]["tokens_per_s"]
     if a.part in ("learn", "all"):
         rows = run_learn_part(a)
-        first = next((n for n in rows if n.startswith("int8+")), "int8")
+        tag = int8_tag(a)
+        first = next((n for n in rows if n.startswith(tag + "+")), tag)
         parity = rows[first]["accuracy"] - rows["full"]["accuracy"]
     print(f"gen_speedup={speedup:.2f} parity={parity:+.3f}")
 

@@ -55,6 +55,10 @@ class RolloutConfig:
                                     "sync is re-quantized in the engine (rl.rollout.quantization). Pair it with "
                                     "algo.rollout_correction (README: Quantized rollout)",
                             choices=["none", "int8", "fp8"])
+    int8_lm_head: bool = opt(False, "with quantization=int8 on CPU: the LM head runs int8 too (W8A8, per-row "
+                                    "scales; rl.rollout.int8_head), ~2x faster logits at a large vocabulary for more "
+                                    "engine-vs-trainer log-prob mismatch (README: Quantized rollout); the compressed-"
+                                    "tensors format leaves the head in float, as llm-compressor's recipes do")
     max_restarts: int = opt(3, "rollout workers that die (process killed, out of memory, engine crash) or hang past "
                                "resources.health_timeout_s are replaced in the same placement, loaded with the "
                                "current policy (checksum-verified) and given the lost prompts again, at most this "
@@ -404,6 +408,11 @@ class GRPOConfig:
         require(self.rollout.quantization != "fp8" or self.resources.rollout_gpus > 0, "rollout.quantization",
                 "fp8 is vLLM's online fp8, which needs GPU rollout workers (resources.rollout_gpus > 0; vLLM's CPU "
                 "build has no fp8 quantize op); on CPU use rollout.quantization=int8")
+        require(not self.rollout.int8_lm_head or (self.rollout.quantization == "int8"
+                                                  and self.resources.rollout_gpus == 0), "rollout.int8_lm_head",
+                "quantizes the head of a CPU int8 engine: it needs rollout.quantization=int8 and CPU rollout workers "
+                f"(rollout.quantization={self.rollout.quantization}, resources.rollout_gpus="
+                f"{self.resources.rollout_gpus:g})")
         require(self.sync.shards != "local" or (not self.model.lora_r and self.trainer.sequence_parallel == 1),
                 "sync.shards", "local writes FSDP pieces as they are: LoRA adapters must be merged from full tensors "
                 "and sequence parallelism shards over a 2-D mesh; use sync.shards=gather (or auto)")

@@ -41,7 +41,7 @@ def make_llm(model: str, *, dtype: str = "auto", seed: int = 0, max_model_len: i
              gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1,
              enforce_eager: bool | None = None, logprobs_mode: str = "processed_logprobs", in_process: bool = False,
              kv_cache_gb: float = 0.0, return_routed_experts: bool = False, quantization: str = "none",
-             **kwargs: Any):
+             int8_lm_head: bool = False, **kwargs: Any):
     """Create a `vllm.LLM` with defaults that work on CPU and GPU; extra kwargs go to `LLM` unchanged.
 
     dtype: "auto" = fp32 on CPU (bf16 changes tiny models' greedy decodes vs an fp32 trainer), the checkpoint's
@@ -51,7 +51,8 @@ def make_llm(model: str, *, dtype: str = "auto", seed: int = 0, max_model_len: i
     it leaves the engine. On GPU this is vLLM's `enable_return_routed_experts`; on CPU, where vLLM cannot
     capture (rl.rollout.routing_recorder), r1lab's recorder, which needs prefix caching off and eager mode.
     quantization: "none" | "int8" | "fp8" (rl.rollout.quantization): the engine runs quantized weights and
-    re-quantizes whatever it is sent on every in-place reload.
+    re-quantizes whatever it is sent on every in-place reload. int8_lm_head (int8 on CPU only): the LM head runs
+    int8 too (rl.rollout.int8_head).
     enforce_eager: None = vLLM's default (torch.compile, and CUDA graphs on GPU); True skips them.
     KV cache on CPU: kv_cache_gb, else (no gpu_memory_utilization given) what max_num_seqs sequences of
     max_model_len tokens need when that is below vLLM's share of memory (cpu_kv_cache_bytes): a tiny model's
@@ -65,6 +66,9 @@ def make_llm(model: str, *, dtype: str = "auto", seed: int = 0, max_model_len: i
 
     from rl.rollout.quantization import engine_dtype, engine_model
 
+    if int8_lm_head and (quantization != "int8" or not on_cpu()):
+        raise ValueError("int8_lm_head needs quantization='int8' on a CPU engine (on GPU, vLLM's own fp8/int8 paths "
+                         f"decide the head), got quantization={quantization!r}, cpu={on_cpu()}")
     model, qkw = engine_model(model, quantization)
     kwargs.update(qkw)
     dtype = engine_dtype(dtype, quantization, gpu=not on_cpu())
@@ -102,7 +106,7 @@ def make_llm(model: str, *, dtype: str = "auto", seed: int = 0, max_model_len: i
     finally:  # vLLM's CPU worker makes it a no-op for the whole process; an in-process engine must not
         torch.set_num_threads = set_num_threads
     if quantization != "none":
-        llm.collective_rpc("r1lab_set_requantize", args=(quantization,))
+        llm.collective_rpc("r1lab_set_requantize", args=(quantization, int8_lm_head))
     if moe is not None:
         llm._r1lab_routing = ("recorder" if on_cpu() else "vllm", moe)
         if on_cpu():

@@ -52,14 +52,27 @@ class R1WorkerExtension:
             method.process_weights_after_loading(head)
         return True
 
-    def r1lab_set_requantize(self, mode: str) -> None:
+    def r1lab_set_requantize(self, mode: str, int8_lm_head: bool = False) -> None:
         """Engines running quantized weights (rollout.quantization): every reload re-quantizes the float tensors
-        the trainer sends (rl.rollout.quantization.quantize_stream) before vLLM re-packs its kernels."""
+        the trainer sends (rl.rollout.quantization.quantize_stream) before vLLM re-packs its kernels. With
+        `int8_lm_head` (int8 on CPU) the LM head runs int8 too, rebuilt after every reload (rl.rollout.int8_head)."""
         from rl.rollout.quantization import QUANTIZATIONS
 
         if mode not in QUANTIZATIONS:
             raise ValueError(f"unknown rollout quantization {mode!r}; allowed: {list(QUANTIZATIONS)}")
         self._r1lab_quant = mode
+        self._r1lab_int8_head = bool(int8_lm_head)
+        if self._r1lab_int8_head:
+            from rl.rollout.int8_head import install_int8_head
+
+            install_int8_head(self._r1lab_model())
+
+    def r1lab_int8_head_path(self) -> str | None:
+        """The int8 LM head's kernel path ("amx" | "onednn"), None without one."""
+        from rl.rollout.int8_head import Int8HeadMethod
+
+        method = getattr(getattr(self._r1lab_model(), "lm_head", None), "quant_method", None)
+        return method.head.path if isinstance(method, Int8HeadMethod) else None
 
     def r1lab_param_sums(self) -> dict[str, float]:
         """Float64 sum of every parameter, for checking that a weight sync arrived. Quantized parameters
@@ -126,6 +139,10 @@ class R1WorkerExtension:
         with self._r1lab_cpu_reload():
             self.reload_weights(weights_iterator=stream, is_checkpoint_format=True)  # type: ignore[attr-defined]
         self.r1lab_retie_lm_head()
+        if getattr(self, "_r1lab_int8_head", False):
+            from rl.rollout.int8_head import refresh_int8_head
+
+            refresh_int8_head(self._r1lab_model(), check=checksum if verify is None else verify)
         return sums if checksum else None
 
     @contextlib.contextmanager
