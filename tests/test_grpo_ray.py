@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -141,12 +142,14 @@ def _run(cmd, env, out, kill_after_lines=None, timeout=600):
 
 
 @pytest.mark.parametrize("back_to_two", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_kill_and_resume_continues_exactly_across_trainer_counts(tmp_path, back_to_two, ray_local, capsys):
+def test_kill_and_resume_continues_exactly_across_trainer_counts(tmp_path, back_to_two, ray_local, capsys,
+                                                                monkeypatch):
     """A launcher process killed mid-run (SIGKILL of it and everything it started), resumed with 1 trainer worker
     instead of 2 (and, in the slow tier, continued with 2 again; tests/test_trainer_worker.py reshards 1 -> 2 under
     torchrun in the fast tier): sharded checkpoints reshard, step numbering and the data cursor continue exactly,
     and the killed run's sync directory is swept by the next start. The resumes run in this process on the
-    session's Ray (the same driver code as a launch, ~15 s cheaper each)."""
+    session's Ray (the same driver code as a launch, ~15 s cheaper each). The first resume's rendezvous port is
+    taken by another listener before rank 0 binds it: the trainer group starts again on a new port."""
     out, shm = tmp_path / "run", tmp_path / "shm"
     # kl_coef > 0 also exercises the frozen reference model (the base model, also after a resume)
     overrides = ["trainer.max_steps=8", "checkpoint.every=2", f"log.output_dir={out}", "log.progress=false",
@@ -168,7 +171,19 @@ def test_kill_and_resume_continues_exactly_across_trainer_counts(tmp_path, back_
     ckpt = latest_checkpoint(out / "checkpoints")
     assert ckpt is not None and len(before) >= 5
     done_step = int(ckpt.name.split("_")[1])
-    log = resume(["trainer.num_workers=1"])
+    with socket.socket() as held, monkeypatch.context() as m:
+        held.bind(("", 0))
+        held.listen()
+        ports = []
+
+        def first_one_taken(self, real=GRPODriver.rendezvous_address):
+            addr, port = real(self)
+            ports.append(port)
+            return addr, (held.getsockname()[1] if len(ports) == 1 else port)
+
+        m.setattr(GRPODriver, "rendezvous_address", first_one_taken)
+        log = resume(["trainer.num_workers=1"])
+    assert len(ports) == 2 and "rendezvous port" in log and "EADDRINUSE" in log, log[-2000:]
     assert f"resuming from {ckpt} at step {done_step + 1}" in log
     assert f"removed sync directories of dead runs: ['{leaked[0]}']" in log   # ...the next start sweeps it
     assert not list(shm.glob("r1lab-sync-*"))   # and a run that ends removes its own

@@ -1,5 +1,7 @@
 """Where actors run (placement plans, fail-fast resource checks, GPU colocation on logical GPUs), the overlapped
 rollout schedule, and the reward-failure stop. Ray is used only with logical resources (no models)."""
+import time
+
 import pytest
 
 from rl.config import load_config
@@ -115,3 +117,40 @@ def test_group_scores_merge_into_step_metrics():
     assert m["reward/a_mean"] == pytest.approx(1 / 3) and m["reward/a/failed_frac"] == 0.25
     assert m["reward/b_mean"] == 0.5 and m["reward/failed_frac"] == 0.25
     assert m["reward/timeouts"] == 1.0 and m["reward/latency_ms"] == 5.0 and m["reward/example"] == "x failed"
+
+
+def test_rendezvous_port_is_below_the_ephemeral_range_and_free():
+    import socket
+
+    from rl.ports import ephemeral_range, rendezvous_port
+
+    lo, hi = ephemeral_range()
+    assert 1024 < lo < hi
+    for _ in range(5):
+        port = rendezvous_port()
+        assert 20000 <= port < lo
+        with socket.socket() as s:
+            s.bind(("", port))                  # free when returned
+
+
+def test_wait_ready_raises_a_failure_without_waiting_for_the_rest(ray_local):
+    """A worker that failed while its peers still wait (a rank that died before the rendezvous) is reported at
+    once, not when the others give up (their rendezvous timeout is 30 minutes)."""
+    import ray
+
+    from rl.grpo.placement import wait_ready
+
+    @ray.remote(num_cpus=0)
+    def fails():
+        raise RuntimeError("rank 0 could not listen: EADDRINUSE")
+
+    @ray.remote(num_cpus=0)
+    def waits():
+        time.sleep(60)
+
+    slow = waits.remote()
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match="EADDRINUSE"):
+        wait_ready([fails.remote(), slow], ["rank 0", "rank 1"], 120, "starting workers", log=lambda *a, **k: None)
+    assert time.monotonic() - t0 < 30
+    ray.cancel(slow, force=True)

@@ -58,14 +58,17 @@ class WeightSyncError(RuntimeError):
     """The rollout engine does not hold the trainer's weights (sync or template broken)."""
 
 
+RENDEZVOUS_TRIES = 3   # trainer-group starts when the rendezvous port was taken under us (start_trainers)
+
+
 def _rank0_address() -> tuple[str, int]:
     """Runs on trainer rank 0's node: the node's address as Ray knows it (not gethostbyname, which is
-    127.0.1.1 on stock Debian/Ubuntu) and a free port."""
+    127.0.1.1 on stock Debian/Ubuntu) and a free port outside the ephemeral range (rl.ports.rendezvous_port)."""
     import ray
 
-    from rl.ports import free_port
+    from rl.ports import rendezvous_port
 
-    return ray.util.get_node_ip_address(), free_port("")
+    return ray.util.get_node_ip_address(), rendezvous_port("")
 
 
 def _import_path() -> list[str]:
@@ -286,27 +289,45 @@ class GRPODriver:
         return ray.remote(RolloutWorker).options(scheduling_strategy=self._strategy(b), **opts).remote(
             self.init_path, self.cfg, self.cfg.trainer.seed + 17 * j, _import_path())
 
+    def rendezvous_address(self) -> tuple[str, int]:
+        """(address, port) for the trainer group's rendezvous, chosen on trainer rank 0's node."""
+        import ray
+
+        return ray.get(ray.remote(_rank0_address).options(num_cpus=0, scheduling_strategy=self._strategy(
+            self.plan.trainer[0][0])).remote())
+
     def start_trainers(self, also: list[Any] = (), restart: bool = False) -> list[dict]:
         """The trainer group in its bundles, with a fresh rendezvous port; waits until it (and `also`) is ready.
-        Returns the workers' ready() answers, trainers first."""
+        Returns the workers' ready() answers, trainers first. A port taken between its choice and rank 0's bind
+        (EADDRINUSE: another process on that node bound it) starts the group again on a new port, at most
+        RENDEZVOUS_TRIES times in all."""
         import ray
 
         from rl.grpo.placement import wait_ready
         from rl.grpo.trainer_worker import TrainerWorker
 
         cfg, plan = self.cfg, self.plan
-        addr, port = ray.get(ray.remote(_rank0_address).options(num_cpus=0, scheduling_strategy=self._strategy(
-            plan.trainer[0][0])).remote())
-        self._master_addr = addr
         spec = self.sync_spec()
         nt = len(plan.trainer)
-        self.trainers = [ray.remote(TrainerWorker).options(scheduling_strategy=self._strategy(b), **opts).remote(
-            i, nt, addr, port, cfg, self.model_path, self.model_path, spec) for i, (b, opts) in enumerate(plan.trainer)]
         names = [f"trainer worker {i}" for i in range(nt)] + [f"rollout worker {j}" for j in range(len(also))]
-        try:
-            info = wait_ready([w.ready.remote() for w in self.trainers + list(also)], names, 900, "starting workers")
-        except Exception as e:
-            self._raise_worker_error(e, "start-up")
+        for attempt in range(1, RENDEZVOUS_TRIES + 1):
+            addr, port = self.rendezvous_address()
+            self._master_addr = addr
+            self.trainers = [ray.remote(TrainerWorker).options(scheduling_strategy=self._strategy(b), **opts).remote(
+                i, nt, addr, port, cfg, self.model_path, self.model_path, spec)
+                for i, (b, opts) in enumerate(plan.trainer)]
+            try:
+                info = wait_ready([w.ready.remote() for w in self.trainers + list(also)], names, 900,
+                                  "starting workers")
+                break
+            except Exception as e:
+                if attempt == RENDEZVOUS_TRIES or "EADDRINUSE" not in str(e):
+                    self._raise_worker_error(e, "start-up")
+                print(f"[r1lab] the trainer group's rendezvous port {addr}:{port} was taken before rank 0 could "
+                      f"listen on it (EADDRINUSE); starting the group again on a new port ({attempt}/"
+                      f"{RENDEZVOUS_TRIES})", flush=True)
+                for w in self.trainers:
+                    ray.kill(w, no_restart=True)
         swept = info[0].get("swept") or []
         if swept and not restart:   # at a restart it is the previous trainer group's own directory
             print(f"[r1lab] removed sync directories of dead runs: {swept}", flush=True)

@@ -107,7 +107,9 @@ def cluster_nodes() -> list[dict[str, float]]:
 
 def wait_ready(refs: list[Any], names: list[str], timeout_s: float, what: str, report_every_s: float = 15.0,
                log=print) -> list[Any]:
-    """ray.get(refs) with a report of what is still pending every `report_every_s` seconds."""
+    """ray.get(refs) with a report of what is still pending every `report_every_s` seconds. A call that failed
+    raises at once, not when the others answer: ranks of a group whose peer died may wait for it for as long as
+    their rendezvous timeout (30 minutes)."""
     import ray
 
     pending = dict(zip(refs, names))
@@ -119,6 +121,7 @@ def wait_ready(refs: list[Any], names: list[str], timeout_s: float, what: str, r
                                         f"cluster available now: {ray.available_resources()}")
         done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=min(report_every_s, left))
         for d in done:
+            ray.get(d)                     # raises the failure now
             pending.pop(d, None)
         if pending:
             log(f"[r1lab] {what}: waiting for {sorted(pending.values())} (cluster available: "
