@@ -108,15 +108,21 @@ def _torchrun(nproc: int, args: list[str], tmp_path: Path) -> dict:
     return json.loads([x for x in out.stdout.splitlines() if x.startswith("{")][-1])
 
 
-def test_torchrun_training_step_and_sharded_checkpoints_across_world_sizes(tmp_path):
+@pytest.mark.parametrize("model", [None, pytest.param("tiny:deepseek_v3", marks=pytest.mark.slow)])
+def test_torchrun_training_step_and_sharded_checkpoints_across_world_sizes(model, tmp_path):
     """Under torchrun (no Ray): a training step on 2 ranks, a DCP checkpoint restored exactly on 1 rank
-    (2 -> 1) and that rank's checkpoint restored exactly on 2 ranks (1 -> 2): weights, AdamW moments, step."""
-    a = _torchrun(2, ["--save", str(tmp_path / "c2")], tmp_path)
+    (2 -> 1) and that rank's checkpoint restored exactly on 2 ranks (1 -> 2): weights, AdamW moments, step.
+    Also for the DeepSeek-V3-style MoE policy (MLA, routed and shared experts, the router's bias buffer)."""
+    policy = [f"model.path={model}"] if model else []
+    a = _torchrun(2, ["--save", str(tmp_path / "c2"), *policy], tmp_path)
     assert a["world"] == 2 and a["grad_norm"] > 0 and a["train_tokens_per_s"] > 0
     assert sorted(p.name for p in (tmp_path / "c2" / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-    b = _torchrun(1, ["--load", str(tmp_path / "c2"), "--save", str(tmp_path / "c1")], tmp_path)
+    b = _torchrun(1, ["--load", str(tmp_path / "c2"), "--save", str(tmp_path / "c1"), *policy], tmp_path)
     assert b["restored_max_rel_diff"] == 0.0 and b["restored_keys"] > 10 and b["loaded_step"] == 1
-    c = _torchrun(2, ["--load", str(tmp_path / "c1")], tmp_path)
+    if model:                      # the restored state covers the experts and MLA's projections
+        keys = json.loads((tmp_path / "c2" / "state_sums.json").read_text())
+        assert any(".experts." in k for k in keys) and any("kv_a_proj_with_mqa" in k for k in keys), sorted(keys)[:20]
+    c = _torchrun(2, ["--load", str(tmp_path / "c1"), *policy], tmp_path)
     assert c["restored_max_rel_diff"] == 0.0 and c["loaded_step"] == 2
 
 
