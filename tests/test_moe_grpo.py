@@ -269,6 +269,57 @@ def test_trainer_replays_the_recorded_ids_per_token_and_layer(arch, packing, tmp
         w.shutdown()
 
 
+def _sp_rank(rank: int, world: int, ports: list, model_dir: str, out: str) -> None:
+    """The real TrainerWorker on two gloo ranks, the same shard on both: packed rows as two data-parallel copies
+    (sp 1) and packed rows split over both ranks (sequence_parallel=2), each under r3 with the shard's engine
+    records; and sp 2 with replay off. Rank 0 writes the old log-probs and the update's metrics."""
+    from rl.grpo.batching import build_batch
+    from rl.grpo.trainer_worker import TrainerWorker
+
+    results = {}
+    runs = [("sp1", ["algo.routing_replay=r3"]), ("sp2", ["algo.routing_replay=r3", "trainer.sequence_parallel=2"]),
+            ("sp2_off", ["algo.routing_replay=off", "trainer.sequence_parallel=2"])]
+    for port, (name, extra) in zip(ports, runs):
+        cfg = _cfg("trainer.threads=1", f"trainer.num_workers={world}", "trainer.micro_batch_tokens=48",
+                   "trainer.packing=true", "rollout.return_routed_experts=true", "trainer.grad_clip=0", *extra)
+        w = TrainerWorker(rank, world, "127.0.0.1", port, cfg, model_dir)
+        try:
+            L, E, k = moe_layout(w.model)
+            batch = build_batch(_groups(L, E, k, seed=1), torch.linspace(-1, 1, 9), 0, False)
+            lp = w.compute_logprobs(batch)["old_logp"]
+            batch["old_logp"] = batch["rollout_logp"] = lp
+            m = w.update(batch)
+        finally:
+            w.shutdown()
+        results[name] = {"lp": lp.tolist(), "mask": batch["response_mask"].tolist(),
+                         "metrics": {key: float(v) for key, v in m.items() if isinstance(v, (int, float))}}
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_r3_under_sequence_parallelism_equals_one_rank(arch, tmp_path):
+    """r3 with the packed row split over two sequence-parallel ranks replays each token's recorded experts on the
+    rank that holds it: the same old log-probs (< 1e-5), loss, gradient norm, agreement and replayed fraction as
+    without the split. The records are random experts, not the model's choices, so replaying them misaligned (or
+    not at all: replay off) would move the log-probs far more than that."""
+    import torch.multiprocessing as mp
+
+    from test_routing_replay import make_model
+
+    make_model(arch).save_pretrained(tmp_path / "moe")
+    out = tmp_path / "sp.json"
+    mp.spawn(_sp_rank, args=(2, [free_port() for _ in range(3)], str(tmp_path / "moe"), str(out)), nprocs=2)
+    res = json.loads(out.read_text())
+    mask = torch.tensor(res["sp1"]["mask"]).bool()
+    ref, sp2, off = (torch.tensor(res[n]["lp"])[mask] for n in ("sp1", "sp2", "sp2_off"))
+    assert (sp2 - ref).abs().max() < 1e-5
+    assert (off - ref).abs().mean() > 1e-2                     # the records matter: replay is what made them equal
+    for key in ("actor/pg_loss", "actor/loss", "actor/grad_norm", "moe/routing_agreement", "moe/replayed_frac"):
+        assert res["sp2"]["metrics"][key] == pytest.approx(res["sp1"]["metrics"][key], rel=1e-5, abs=1e-7), key
+    assert 0 < res["sp1"]["metrics"]["moe/replayed_frac"] < 1
+
+
 def test_dense_policy_has_no_routing_and_refuses_replay(tiny):
     from rl.grpo.trainer_worker import TrainerWorker
     from rl.moe.replay import RoutingError
@@ -307,12 +358,12 @@ def test_grpo_with_r3_learns_on_a_tiny_moe(weak_sft_moe, tmp_path, ray_local):
     from rl.grpo.driver import GRPODriver
 
     cfg = _cfg(f"model.path={weak_sft_moe}", "rollout.return_routed_experts=true", "algo.routing_replay=r3",
-               "trainer.max_steps=16", "trainer.lr=0.001", "reward.weights=[1.0, 0.5]", "checkpoint.every=0",
+               "trainer.max_steps=20", "trainer.lr=0.001", "reward.weights=[1.0, 0.5]", "checkpoint.every=0",
                "sync.checksum_every=6", f"log.output_dir={tmp_path}", "log.progress=false",
                "resources.ray_address=local")
     GRPODriver(cfg).run()
     rows = [r for r in read_metrics(tmp_path) if r["step"] > 0]
-    assert [r["step"] for r in rows] == list(range(1, 17))
+    assert [r["step"] for r in rows] == list(range(1, 21))
     assert all(r["rollout/logprob_diff"] < 1e-3 for r in rows)          # fp32 engine, replayed routing
     assert all(0.9 < r["moe/routing_agreement"] <= 1.0 for r in rows)
     assert all(r["moe/replayed_frac"] > 0.9 for r in rows)              # all but each sample's last token

@@ -155,12 +155,16 @@ class TrainerRouting:
         w = rec.n_tokens
         if w == 0:
             return
-        for k, v in rec.metrics().items():
-            self.metrics.add(k, v, w)
+        metrics = rec.metrics()
+        for k, v in metrics.items():
+            # the agreement is a ratio over the (token, layer) pairs with a record: weighted by their number, the
+            # mean over micro-batches (and sequence-parallel slices) is the ratio over the whole batch
+            weight = metrics["moe/replayed_frac"] * w if k == "moe/routing_agreement" else w
+            self.metrics.add(k, v, weight)
         if engine is not None:
             hits, count = agreement(rec.ids, engine, mask)
             if count:
-                self.metrics.add("moe/routing_agreement", hits / count, w)
+                self.metrics.add("moe/routing_agreement", hits / count, count / rec.num_layers)
 
     def aux_share(self, rec, mini_batch_tokens: float) -> float:
         """The micro-batch's weight of its aux loss: its real tokens over the mini-batch's (all ranks)."""
