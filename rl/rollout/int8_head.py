@@ -43,7 +43,8 @@ class Int8Head:
             self.packed = torch.ops._C.convert_weight_packed(q)
         elif self.path == "onednn":
             self.q_t = q.t()                       # [H, V] view, as vLLM's oneDNN int8 linear builds its handle
-            self.handle = ops.create_onednn_scaled_mm(self.q_t, self.scale, torch.get_default_dtype(), True, False, 32)
+            # the output dtype: the engine's compute dtype (vLLM passes its load-time default dtype, the same)
+            self.handle = ops.create_onednn_scaled_mm(self.q_t, self.scale, w.dtype, True, False, 32)
         else:
             raise ValueError(f"int8 LM head: unknown kernel path {path!r} (amx | onednn)")
 
