@@ -130,7 +130,7 @@ def test_engine_with_an_int8_head_generates_and_takes_synced_weights(tiny, tmp_p
     from safetensors.torch import load_file, save_file
 
     from rl.rollout.vllm_engine import make_llm, shutdown
-    from tests.test_quantized_rollout import _greedy
+    from tests.test_quantized_rollout import _greedy, assert_sync_refused
 
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
     llm = make_llm(str(tiny.qwen2), max_model_len=256, enforce_eager=True, kv_cache_gb=0.1, quantization="int8",
@@ -159,11 +159,7 @@ def test_engine_with_an_int8_head_generates_and_takes_synced_weights(tiny, tmp_p
         new_gap = _logprob_gap(changed, prompts, toks2, lps2)        # the engine scores with the new head...
         old_gap = _logprob_gap(tiny.qwen2, prompts, toks2, lps2)     # ...not the old one
         assert new_gap < 0.25 and old_gap > 2 * new_gap, (new_gap, old_gap)
-        bad = tmp_path / "nan"
-        bad.mkdir()
-        state["model.embed_tokens.weight"][0, 0] = float("nan")
-        save_file(state, bad / "model.safetensors")
-        with pytest.raises(Exception, match="lm_head.weight has non-finite"):
-            llm.collective_rpc("r1lab_load_from_dir", args=(str(bad), False))
+        assert_sync_refused(llm, state, "model.embed_tokens.weight", float("nan"), tmp_path,
+                            "lm_head.weight has non-finite")
     finally:
         shutdown(llm)

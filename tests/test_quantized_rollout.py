@@ -123,6 +123,20 @@ def _greedy(llm, prompts):
     return [list(o.outputs[0].token_ids) for o in out], [o.outputs[0].cumulative_logprob for o in out]
 
 
+def assert_sync_refused(llm, state: dict, name: str, value: float, tmp_path: Path, match: str) -> None:
+    """A sync of `state` with `value` written into one element of tensor `name` fails with an error matching
+    `match` (a quantizing engine never loads non-finite weights silently)."""
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad"
+    bad.mkdir(exist_ok=True)
+    state = dict(state, **{name: state[name].clone()})
+    state[name].view(-1)[0] = value
+    save_file(state, bad / "model.safetensors")
+    with pytest.raises(Exception, match=match):
+        llm.collective_rpc("r1lab_load_from_dir", args=(str(bad), False))
+
+
 @pytest.mark.slow   # 44 s: a second engine (the fast tier shares one), started and reloaded four times
 def test_int8_engine_generates_and_takes_synced_weights(tiny, tmp_path):
     """A real W8A8 engine (a second, small one: int8 is a different kernel path than the session engine's):
@@ -155,12 +169,8 @@ def test_int8_engine_generates_and_takes_synced_weights(tiny, tmp_path):
         engine_sums = llm.collective_rpc("r1lab_param_sums")[0]
         assert any("norm" in k for k in engine_sums) and not any(k.endswith("weight_scale") for k in engine_sums)
         assert not any(k.endswith("proj.weight") for k in engine_sums)   # decoder linears are int8 (biases stay)
-        bad = tmp_path / "nan"
-        bad.mkdir()
-        state["model.layers.0.self_attn.o_proj.weight"][0, 0] = float("inf")
-        save_file(state, bad / "model.safetensors")
-        with pytest.raises(Exception, match="o_proj.weight.*non-finite"):
-            llm.collective_rpc("r1lab_load_from_dir", args=(str(bad), False))
+        assert_sync_refused(llm, state, "model.layers.0.self_attn.o_proj.weight", float("inf"), tmp_path,
+                            "o_proj.weight.*non-finite")
     finally:
         shutdown(llm)
 
