@@ -114,16 +114,19 @@ def wait_ready(refs: list[Any], names: list[str], timeout_s: float, what: str, r
 
     pending = dict(zip(refs, names))
     deadline = time.monotonic() + timeout_s
+    report_at = time.monotonic() + report_every_s
     while pending:
-        left = deadline - time.monotonic()
-        if left <= 0:
+        now = time.monotonic()
+        if now >= deadline:
             raise InsufficientResources(f"{what}: still pending after {timeout_s:.0f}s: {sorted(pending.values())}; "
                                         f"cluster available now: {ray.available_resources()}")
-        done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=min(report_every_s, left))
+        # back at the first answer (each is checked as it comes), else at the next report or the deadline
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, min(report_at, deadline) - now))
         for d in done:
             ray.get(d)                     # raises the failure now
             pending.pop(d, None)
-        if pending:
+        if pending and time.monotonic() >= report_at:
+            report_at = time.monotonic() + report_every_s
             log(f"[r1lab] {what}: waiting for {sorted(pending.values())} (cluster available: "
                 f"{ {k: v for k, v in ray.available_resources().items() if k in ('CPU', 'GPU', 'memory')} })",
                 flush=True)
