@@ -196,6 +196,8 @@ def _trainer_rank(rank: int, world: int, ports: list, model_path: str, out: str)
     data-parallel group). Rank 0 writes the old log-probs, the update's metrics and the AdamW moments."""
     import sys
 
+    from test_trainer_worker import _reduce_comms
+
     from rl.config import load_config
     from rl.grpo.config import GRPOConfig
     from rl.grpo.trainer_worker import TrainerWorker
@@ -216,9 +218,7 @@ def _trainer_rank(rank: int, world: int, ports: list, model_path: str, out: str)
             b["old_logp"], b["rollout_logp"] = lp, lp + 0.02 * torch.cos(torch.arange(lp.numel()).view(lp.shape))
             m = w.update(b)
             sums = w.state_sums()
-            comms = sorted({f"{type(g._reduce_scatter_comm).__name__} trim_heap={g._reduce_scatter_comm.trim_heap}"
-                            for mod in w.model.modules()
-                            if hasattr(mod, "_get_fsdp_state") for g in mod._get_fsdp_state()._fsdp_param_groups})
+            comms = sorted({f"{type(c).__name__} trim_heap={c.trim_heap}" for c in _reduce_comms(w)})
         finally:
             w.shutdown()
         results[name] = {"lp": lp.tolist(), "metrics": m, "comms": comms,

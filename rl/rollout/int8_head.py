@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from rl.rollout.quantization import check_roundtrip, quantize_int8_fast
+from rl.rollout.quantization import quantize_weight
 
 
 class Int8Head:
@@ -31,11 +31,7 @@ class Int8Head:
         from vllm.model_executor.layers.utils import check_cpu_sgl_kernel
 
         w = weight.detach()
-        if not bool(torch.isfinite(torch.sum(w, dtype=torch.float32))):
-            raise ValueError(f"int8 LM head: {name} has non-finite values (NaN/Inf); not loading it")
-        q, scale = quantize_int8_fast(w)
-        if check:
-            check_roundtrip(name, w, q, scale)
+        q, scale = quantize_weight(name, w, check=check, what="int8 LM head")
         self.n, self.k = w.shape
         self.scale = scale.contiguous()            # [V, 1] fp32, kept alive: the kernels read it at every call
         self.path = path or ("amx" if check_cpu_sgl_kernel(self.n, self.k, torch.int8) else "onednn")

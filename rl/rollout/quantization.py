@@ -96,6 +96,21 @@ def check_roundtrip(name: str, w: torch.Tensor, q: torch.Tensor, scale: torch.Te
                          f"non-finite values: {not bool(torch.isfinite(w).all())}")
 
 
+def quantize_weight(name: str, w: torch.Tensor, *, check: bool, what: str = "int8 re-quantization"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_int8_fast` of the weight `name`, refused when it has a NaN/Inf (one cheap pass over its sum: the
+    fused quantizer's row maximum skips NaNs, so its scales would not show them) and, with `check`, followed by
+    the round-trip check (`check_roundtrip`)."""
+    if not bool(torch.isfinite(torch.sum(w, dtype=torch.float32))):
+        rows = int((~torch.isfinite(w)).any(dim=1).sum())
+        raise ValueError(f"{what}: {name} has non-finite values (NaN/Inf in {rows} of {w.shape[0]} rows); "
+                         "not loading it")
+    q, s = quantize_int8_fast(w)
+    if check:
+        check_roundtrip(name, w, q, s)
+    return q, s
+
+
 def quantize_stream(tensors: Iterable[tuple[str, torch.Tensor]], *, check: bool = True
                     ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, float tensor) -> the compressed-tensors int8 checkpoint's tensors: a decoder linear `x.weight`
@@ -107,13 +122,7 @@ def quantize_stream(tensors: Iterable[tuple[str, torch.Tensor]], *, check: bool 
     round trip (`check_roundtrip`; ~30 ms per 4M weights, so the sync does it on its checksum steps)."""
     for name, t in tensors:
         if is_quantized_linear(name):
-            if not bool(torch.isfinite(torch.sum(t, dtype=torch.float32))):   # one cheap pass: NaN/Inf anywhere
-                rows = int((~torch.isfinite(t)).any(dim=1).sum())
-                raise ValueError(f"int8 re-quantization of {name}: the weight has non-finite values (NaN/Inf in "
-                                 f"{rows} of {t.shape[0]} rows); not loading it")
-            q, s = quantize_int8_fast(t)
-            if check:
-                check_roundtrip(name, t, q, s)
+            q, s = quantize_weight(name, t, check=check)
             yield name, q
             yield name[: -len("weight")] + "weight_scale", s
         else:
