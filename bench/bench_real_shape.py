@@ -3,11 +3,14 @@
 The model: `tiny:qwen2:shape=qwen2.5-0.5b` (hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate 4864,
 vocab 151,936, tied embeddings; random init, bf16 on disk; the local tokenizer padded with unused tokens so
 every sampled id decodes). The run: Ray (local), one vLLM CPU rollout worker (bf16), two FSDP2 trainer ranks
-(fp32 masters, bf16 compute), weight sync checked by checksums, 4 prompts x 4 samples x 64 new tokens.
+(fp32 masters, bf16 compute), 4 prompts x 4 samples x 64 new tokens. The weight sync is the run's default
+(sync.method=auto: shared memory on one node; checksums at step 1 only) unless `--sync-method` / `--checksum-every
+1` ask otherwise (checked every step: the engine and the trainers also sum every tensor sent, ~0.1 s per GB each).
 Step 1 includes first-call warm-ups; step 2 is the steady-state number. Prints each step's time breakdown
 and the peak RSS of every process (driver, trainer ranks, rollout worker with its in-process engine).
 
-  .venv/bin/python bench/bench_real_shape.py [--steps 2] [--new-tokens 64]
+  .venv/bin/python bench/bench_real_shape.py [--steps 2] [--new-tokens 64] [--sync-method auto|shm|file]
+      [--checksum-every 0]
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--sync-method", default="auto", choices=["auto", "shm", "file"])
+    ap.add_argument("--checksum-every", type=int, default=0, help="sync.checksum_every (0: step 1 only)")
     a = ap.parse_args()
     os.environ.setdefault("R1LAB_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "r1lab"))
     import ray
@@ -39,7 +44,7 @@ def main() -> None:
         "model.path=tiny:qwen2:shape=qwen2.5-0.5b", "model.dtype=bfloat16", "data.max_prompt_tokens=512",
         "rollout.batch_prompts=4", "rollout.n=4", f"rollout.max_new_tokens={a.new_tokens}", "rollout.max_model_len=1024",
         "rollout.kv_cache_gb=1", "rollout.enforce_eager=false", "trainer.micro_batch_tokens=2048", "trainer.threads=1",
-        "trainer.lr=1e-6", "sync.checksum_every=1", "sync.bucket_mb=256", "checkpoint.every=0", "log.progress=false",
+        "trainer.lr=1e-6", f"sync.checksum_every={a.checksum_every}", f"sync.method={a.sync_method}", "sync.bucket_mb=256", "checkpoint.every=0", "log.progress=false",
         f"log.output_dir={out}", "resources.ray_address=local", f"trainer.max_steps={a.steps}"])
     d = GRPODriver(cfg)
     d.start()
@@ -56,7 +61,8 @@ def main() -> None:
     keys = ["perf/step_s", "perf/rollout_s", "perf/gen_s", "perf/reward_s", "perf/logprobs_s", "perf/update_s",
             "perf/sync_s", "perf/idle_s"]
     print(f"Qwen2.5-0.5B shape, 2 FSDP2 ranks + 1 vLLM CPU engine, {cfg.rollout.batch_prompts}x{cfg.rollout.n} "
-          f"samples x {a.new_tokens} new tokens, bf16 compute")
+          f"samples x {a.new_tokens} new tokens, bf16 compute; weight sync {d.sync_method} with {d.sync_writers} "
+          f"writer(s), checksums {'every step' if a.checksum_every == 1 else 'at step 1' if not a.checksum_every else f'every {a.checksum_every} steps'}")
     for i, r in enumerate(rows, 1):
         print(f"step {i}: " + ", ".join(f"{k.split('/')[1]} {r[k]:.1f}s" for k in keys) +
               f"; sync {r['sync/mb']:.0f} MB in {int(r['sync/buckets'])} buckets (gather {r['perf/sync_gather_s']:.1f}s,"

@@ -34,7 +34,9 @@ def test_grpo_learns_syncs_and_exports(weak_sft, tmp_path, vllm_engine, ray_loca
         "reward.functions=[accuracy, format, plugins_for_tests:raises]", "reward.weights=[1.0, 0.5, 0.0]",
         "sync.checksum_every=4", "checkpoint.every=8", f"log.output_dir={tmp_path}", "log.progress=false",
         "resources.ray_address=local", "log.val_every=12", "log.val_problems=16", "log.val_samples=2"])
-    result = GRPODriver(cfg).run()
+    driver = GRPODriver(cfg)
+    result = driver.run()
+    assert driver.sync_method == "shm"   # sync.method=auto on one node: the shared-memory transport
     all_rows = read_metrics(tmp_path)
     # in-loop validation through the eval harness, before training and every 12 steps
     assert [r["step"] for r in all_rows if "val/heldout/pass@1" in r] == [0, 12, 24]

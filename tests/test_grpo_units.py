@@ -239,7 +239,7 @@ def test_validation_without_held_out_problems_is_a_config_error(tmp_path):
 
 
 def test_sync_method_is_a_real_choice():
-    with pytest.raises(ConfigError, match=r"sync.method: 'nccl' is not allowed; allowed values: \['file'\]"):
+    with pytest.raises(ConfigError, match=r"sync.method: 'nccl' is not allowed; allowed values: \['auto', 'shm', 'file'\]"):
         load_config(GRPOConfig, "configs/tiny_grpo.yaml", ["sync.method=nccl"])
 
 
@@ -318,3 +318,19 @@ def test_actors_run_with_the_tunables(ray_local):
 
     got = ray.get(ray.remote(lambda: os.environ.get("GLIBC_TUNABLES", "")).options(num_cpus=0).remote())
     assert "glibc.malloc.hugetlb=1" in got
+
+
+def test_sync_method_auto_is_shm_on_one_node_and_shm_refuses_several():
+    from types import SimpleNamespace
+
+    from rl.grpo.driver import GRPODriver
+
+    for method, nodes, want in [("auto", 1, "shm"), ("auto", 2, "file"), ("file", 1, "file"), ("shm", 1, "shm")]:
+        d = SimpleNamespace(cfg=load_config(GRPOConfig, "configs/tiny_grpo.yaml", [f"sync.method={method}"]))
+        GRPODriver._choose_sync(d, nodes, 2)
+        assert d.sync_method == want, (method, nodes)
+    d.placement_info = {"trainer_nodes": ["a", "a"], "rollout_nodes": ["a"]}
+    GRPODriver._check_sync_nodes(d)
+    d.placement_info["rollout_nodes"] = ["b"]
+    with pytest.raises(ConfigError, match="sync.method=shm: the run's workers are on 2 nodes.*sync.method=file"):
+        GRPODriver._check_sync_nodes(d)

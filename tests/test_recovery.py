@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from rl.grpo.recovery import FaultLog, RecoveryExhausted
+from rl.grpo.sync.shm import ShmTransport
 from rl.grpo.sync.transport import FileTransport, SyncError
 
 sys.path.insert(0, str(Path(__file__).parent))  # plugins_for_tests
@@ -75,8 +76,9 @@ def _write(t: FileTransport, version: int, n: int, readers, gone):
     t.finish(version, n)
 
 
-def test_writer_does_not_wait_for_a_stopped_reader(tmp_path):
-    t = FileTransport(str(tmp_path), "run", readers=2, timeout_s=30, max_inflight=1)
+@pytest.mark.parametrize("cls", [FileTransport, ShmTransport], ids=["file", "shm"])
+def test_writer_does_not_wait_for_a_stopped_reader(tmp_path, cls):
+    t = cls(str(tmp_path), "run", readers=2, timeout_s=30, max_inflight=1)
     t.open_writer()
     got = []
     reader = threading.Thread(target=lambda: got.extend(n for n, _ in t.receive(1, 0)))
@@ -85,7 +87,7 @@ def test_writer_does_not_wait_for_a_stopped_reader(tmp_path):
     _write(t, 1, 4, None, lambda: {1})        # reader 1 is dead: nobody marks its buckets
     reader.join(10)
     assert time.monotonic() - t0 < 5 and got == ["w0", "w1", "w2", "w3"]
-    assert not list(t.dir.glob("*.safetensors"))               # buckets deleted once the live reader has them
+    assert not list(t.dir.glob("*" + t.SUFFIX))               # buckets deleted once the live reader has them
     # a transfer addressed to reader 1 alone (its replacement) does not wait for reader 0
     got.clear()
     reader = threading.Thread(target=lambda: got.extend(n for n, _ in t.receive(2, 1)))
@@ -98,8 +100,9 @@ def test_writer_does_not_wait_for_a_stopped_reader(tmp_path):
     t.close()
 
 
-def test_reader_fails_at_once_when_the_writer_died(tmp_path):
-    t = FileTransport(str(tmp_path), "run", readers=1, timeout_s=60)
+@pytest.mark.parametrize("cls", [FileTransport, ShmTransport], ids=["file", "shm"])
+def test_reader_fails_at_once_when_the_writer_died(tmp_path, cls):
+    t = cls(str(tmp_path), "run", readers=1, timeout_s=60)
     t.open_writer()
     import subprocess
 
@@ -164,6 +167,7 @@ def test_two_node_run_survives_a_killed_rollout_worker_and_a_killed_trainer_work
         d = GRPODriver(cfg)
         result = d.run()
         assert len(set(d.placement_info["trainer_nodes"])) == 2, d.placement_info   # ranks on different nodes
+        assert d.sync_method == "file"   # sync.method=auto across nodes: files in sync.dir
         assert d.placement_info["master_addr"] == ray.util.get_node_ip_address()
         assert ray.is_initialized()   # the driver joined the cluster: it leaves it running
     finally:

@@ -1,5 +1,6 @@
-"""The file transport with several writers (sync.shards=local): every trainer rank writes its FSDP pieces, the
-reader concatenates them; bytes, checksums, back-pressure, a dead reader and cleanup."""
+"""The weight transports (file and shared memory) with several writers (sync.shards=local): every trainer rank
+writes its FSDP pieces, the reader concatenates them; bytes, checksums, back-pressure, a dead reader and cleanup;
+the shared-memory slots' reuse, growth and replacement."""
 from __future__ import annotations
 
 import threading
@@ -8,6 +9,10 @@ import pytest
 import torch
 
 from rl.grpo.sync import FileTransport, SyncError, local_buckets, tensor_sums
+from rl.grpo.sync.shm import ShmTransport
+from rl.grpo.sync.transport import make_transport
+
+TRANSPORTS = pytest.mark.parametrize("cls", [FileTransport, ShmTransport], ids=["file", "shm"])
 
 
 def _model(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -47,13 +52,15 @@ def _write(transport, version, rows, rank, bucket_bytes, sums_out, errors):
         errors.append(e)
 
 
-def test_pieces_of_every_rank_arrive_whole_with_the_ranks_checksums(tmp_path):
+@TRANSPORTS
+def test_pieces_of_every_rank_arrive_whole_with_the_ranks_checksums(tmp_path, cls):
     full = _model()
     world = 2
-    writers = [FileTransport(str(tmp_path), "t", readers=1, writers=world, timeout_s=30, max_inflight=1)
+    writers = [cls(str(tmp_path), "t", readers=1, writers=world, timeout_s=30, max_inflight=1)
                for _ in range(world)]
     writers[0].open_writer()
-    reader = FileTransport(**{k: v for k, v in writers[0].spec().items() if k != "kind"})
+    reader = make_transport(writers[0].spec())
+    assert type(reader) is cls
     reader.collect_sums = True
     received, sums, errors = {}, {}, []
     per_rank = _pieces(full, world, replicated={"c.bias"})
@@ -74,7 +81,8 @@ def test_pieces_of_every_rank_arrive_whole_with_the_ranks_checksums(tmp_path):
             combined[name] = combined.get(name, 0.0) + v
     assert combined == reader.piece_sums            # exact: the same float64 additions on both sides
     assert "c.bias" not in sums[1]                  # a replicated tensor is written once, by rank 0
-    assert not list(writers[0].dir.glob("*.safetensors")) and not list(writers[0].dir.glob("*.r0"))
+    left = [p.name for p in writers[0].dir.glob("v*") if p.suffix != ".end"]   # the end marker stays (docstring)
+    assert not left and not list(writers[0].dir.glob("*.r0")), left   # every bucket consumed and deleted
     writers[0].close()
     assert not writers[0].dir.exists()
 
@@ -89,10 +97,11 @@ def test_every_rank_cuts_the_same_buckets_by_full_sizes():
     assert not any("c.bias" in b for b in cuts[2])
 
 
-def test_a_dead_reader_stops_every_writer_with_a_clear_error(tmp_path):
+@TRANSPORTS
+def test_a_dead_reader_stops_every_writer_with_a_clear_error(tmp_path, cls):
     full = _model(2)
     world = 2
-    writers = [FileTransport(str(tmp_path), "dead", readers=1, writers=world, timeout_s=0.5, max_inflight=1)
+    writers = [cls(str(tmp_path), "dead", readers=1, writers=world, timeout_s=0.5, max_inflight=1)
                for _ in range(world)]
     writers[0].open_writer()
     sums, errors = {}, []
@@ -118,3 +127,107 @@ def test_config_refuses_local_shards_where_pieces_are_not_the_engine_layout():
     with pytest.raises(ConfigError, match="sync.shards.*LoRA"):
         load_config(GRPOConfig, "configs/tiny_grpo.yaml", ["sync.shards=local", "model.lora_r=8"])
     assert load_config(GRPOConfig, "configs/tiny_grpo.yaml", ["sync.shards=gather"]).sync.shards == "gather"
+
+
+def test_tensor_sum_is_the_same_for_any_thread_count_and_close_to_an_exact_sum():
+    """The checksum both sides compute: chunks of one thread's share, so 1 and 2 threads give the same float
+    (a whole-tensor float64 sum of fp32 values does not: torch splits it over threads); within rounding of the
+    exact (fp64 of fsum) sum; bf16 and fp32, sizes around the chunk, empty, non-contiguous."""
+    import math
+
+    from rl.grpo.sync.checksum import SUM_CHUNK, tensor_sum
+
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randn(4864, 896, generator=g) * torch.rand(4864, 1, generator=g) ** 8,
+             torch.randn(3 * SUM_CHUNK + 5, generator=g).to(torch.bfloat16), torch.randn(SUM_CHUNK - 1, generator=g),
+             torch.zeros(0), torch.randn(64, 70, generator=g).t()]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [tensor_sum(t) for t in cases]
+        torch.set_num_threads(2)
+        two = [tensor_sum(t) for t in cases]
+    finally:
+        torch.set_num_threads(threads)
+    assert one == two
+    for t, s in zip(cases, one):
+        exact = math.fsum(t.double().reshape(-1).tolist())
+        assert abs(s - exact) <= 1e-12 * max(1.0, t.double().abs().sum().item()), (s, exact)
+
+
+def _send_all(writer, version, tensors: dict[str, torch.Tensor], bucket_bytes: int, errors: list) -> None:
+    try:
+        from rl.grpo.sync import buckets
+
+        k = 0
+        for bucket in buckets(tensors.items(), bucket_bytes):
+            writer.send(version, k, bucket)
+            k += 1
+        writer.finish(version, k)
+    except Exception as e:   # surfaced by the test
+        errors.append(e)
+
+
+def _sync(writer, reader, version, tensors, bucket_bytes=300):
+    errors: list = []
+    t = threading.Thread(target=_send_all, args=(writer, version, tensors, bucket_bytes, errors))
+    t.start()
+    got = dict(reader.receive(version, 0))
+    t.join(timeout=30)
+    assert not errors and not t.is_alive()
+    return got
+
+
+def test_shm_slots_are_reused_grown_and_remapped(tmp_path):
+    """Every version goes through the same max_inflight slot files (no file per bucket), each bucket's bytes
+    arrive exactly; a bucket larger than its slot grows it and the reader maps it again; the reader's tensors are
+    its own (a later sync does not change what an earlier one returned)."""
+    writer = ShmTransport(str(tmp_path), "slots", readers=1, timeout_s=30, max_inflight=2)
+    writer.open_writer()
+    reader = make_transport(writer.spec())
+    first = None
+    for version in (1, 2, 3):
+        tensors = {k: v * version for k, v in _model(version).items()}
+        if version == 3:
+            tensors["big.weight"] = torch.randn(64, 64)   # 16 KB: larger than any slot so far
+        got = _sync(writer, reader, version, tensors)
+        assert set(got) == set(tensors)
+        for name, t in tensors.items():
+            assert got[name].dtype == t.dtype and torch.equal(got[name], t), (version, name)
+        first = first or got
+        slots = sorted(p.name for p in writer.dir.glob("slot-*"))
+        assert slots == ["slot-w0-0.bin", "slot-w0-1.bin"], slots
+    assert torch.equal(first["a.weight"], _model(1)["a.weight"])   # a copy, not a view of the reused slot
+    assert max(size for _, size, _ in reader._maps.values()) >= 64 * 64 * 4
+    writer.close()
+    assert not writer.dir.exists()
+
+
+def test_shm_reader_follows_a_restarted_writer(tmp_path):
+    """A trainer group restarted with the same run id recreates the slot files: a reader that kept its mappings
+    from before maps the new files (by inode) instead of reading the old, unlinked pages."""
+    old = ShmTransport(str(tmp_path), "restart", readers=1, timeout_s=30, max_inflight=1)
+    old.open_writer()
+    reader = make_transport(old.spec())
+    _sync(old, reader, 1, _model(1), bucket_bytes=10_000)
+    old.close()
+    new = ShmTransport(str(tmp_path), "restart", readers=1, timeout_s=30, max_inflight=1)
+    new.open_writer()
+    want = _model(5)
+    got = _sync(new, reader, 2, want, bucket_bytes=10_000)
+    assert all(torch.equal(got[n], t) for n, t in want.items())
+    new.close()
+
+
+def test_shm_published_index_names_a_replaced_slot(tmp_path):
+    """A slot whose file is not the one a bucket's index names is an error naming the slot, never stale bytes."""
+    writer = ShmTransport(str(tmp_path), "stale", readers=1, timeout_s=30, max_inflight=1)
+    writer.open_writer()
+    writer.send(1, 0, {"x": torch.ones(4)})
+    slot = writer.dir / "slot-w0-0.bin"
+    slot.unlink()
+    slot.write_bytes(b"\0" * 64)   # another file under the same name
+    reader = make_transport(writer.spec())
+    with pytest.raises(SyncError, match="slot-w0-0.bin was replaced"):
+        list(reader.receive(1, 0))
+    writer.close()

@@ -33,6 +33,39 @@ def test_greedy_agrees_with_transformers(vllm_engine, tiny):
         assert torch.allclose(ref, torch.tensor(samples[0].logprobs), atol=1e-3)
 
 
+def test_a_reload_builds_no_gemm_handle_for_the_input_embedding(monkeypatch):
+    """rl.rollout.vllm_cpu_fixes fix 6, on vLLM's own embedding classes: inside the reload context the input
+    embedding is processed without a GEMM handle while a (tied) LM head sharing its method still gets one; after
+    it, the class's method is back. Correctness of reloads with the fix (greedy decodes and log-probs against
+    transformers, weights that changed) is the test above, whose engine reloads through it."""
+    from vllm.model_executor.layers import utils
+    from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead, UnquantizedEmbeddingMethod,
+                                                                     VocabParallelEmbedding)
+
+    from rl.rollout.vllm_cpu_fixes import skip_embedding_gemm_on_reload
+
+    def bare(cls):   # the layer without vLLM's parallel state: only what processing reads
+        m = cls.__new__(cls)
+        torch.nn.Module.__init__(m)
+        m.weight = torch.nn.Parameter(torch.randn(8, 4), requires_grad=False)
+        return m
+
+    method = UnquantizedEmbeddingMethod()
+    embed, head = bare(VocabParallelEmbedding), bare(ParallelLMHead)
+    embed.quant_method = head.quant_method = method
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.embed_tokens, model.lm_head = embed, head
+    built = []
+    monkeypatch.setattr(utils, "dispatch_cpu_unquantized_gemm", lambda layer, remove_weight: built.append(layer))
+    with skip_embedding_gemm_on_reload(model):
+        method.process_weights_after_loading(embed)
+        method.process_weights_after_loading(head)
+    assert built == [head]
+    method.process_weights_after_loading(embed)   # outside a reload (the first load): vLLM's own behaviour
+    assert built == [head, embed] and "process_weights_after_loading" not in vars(method)
+
+
 def test_streamed_groups_have_every_sample_and_temperature_logprobs(vllm_engine, tiny):
     """generate_stream yields each prompt's n samples once they are all finished (the engine's default
     cumulative output would carry only the last child), with log-probs of the *sampling* distribution

@@ -303,8 +303,10 @@ class TrainerConfig:
 @dataclass
 class SyncConfig:
     """Trainer -> vLLM weight sync."""
-    method: str = opt("file", "transport (rl.grpo.sync.transport): file = safetensors buckets in sync.dir, "
-                              "streamed to the engines as they are written", choices=["file"])
+    method: str = opt("auto", "transport (rl.grpo.sync): shm = buckets copied through shared-memory slots in "
+                              "sync.dir that trainers and engines of one node map (no file per bucket); file = "
+                              "safetensors buckets in sync.dir (across nodes: a shared file system); auto = shm "
+                              "when the run is on one node, else file", choices=["auto", "shm", "file"])
     dir: str = opt("/dev/shm", "where buckets are written: a RAM disk on one node, a shared file system across "
                                "nodes (trainer rank 0 writes, every rollout worker reads)")
     shards: str = opt("auto", "local = every trainer rank writes its own FSDP pieces and the engines concatenate "

@@ -189,6 +189,7 @@ class GRPODriver:
         self.step = 0
         self.version = 0          # weight version the engines hold (= steps trained when they last loaded)
         self.sync_writers = 1     # trainer ranks writing a sync (sync.shards, decided at start())
+        self.sync_method = "file"  # the transport (sync.method, decided at start())
         self.ckpt_root = self.out / "checkpoints"
         self.run_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.trainers: list[Any] = []
@@ -232,21 +233,36 @@ class GRPODriver:
                 ray.init(runtime_env=env, log_to_driver=True, **local)
 
     def sync_spec(self) -> dict:
-        from rl.grpo.sync import FileTransport
+        from rl.grpo.sync.shm import ShmTransport
+        from rl.grpo.sync.transport import FileTransport
 
         sc = self.cfg.sync
-        return FileTransport(sc.dir, self.run_id, len(self.plan.rollout), timeout_s=sc.timeout_s,
-                             writers=self.sync_writers).spec()
+        cls = ShmTransport if self.sync_method == "shm" else FileTransport
+        return cls(sc.dir, self.run_id, len(self.plan.rollout), timeout_s=sc.timeout_s, writers=self.sync_writers).spec()
 
-    def _choose_sync_writers(self, nodes: int, trainers: int) -> int:
+    def _choose_sync(self, nodes: int, trainers: int) -> None:
         """sync.shards: local -> every trainer rank writes its own pieces (writers = trainer ranks); gather -> rank
         0 writes gathered tensors. auto = local when the whole run is on one node (every rank and engine then
-        sees sync.dir), the model has no LoRA adapters (merged from full tensors) and no sequence parallelism."""
+        sees sync.dir), the model has no LoRA adapters (merged from full tensors) and no sequence parallelism.
+        sync.method: auto = shm (rl.grpo.sync.shm) on one node, file across nodes."""
         cfg = self.cfg
         mode = cfg.sync.shards
         if mode == "auto":
             mode = "local" if nodes == 1 and not cfg.model.lora_r and cfg.trainer.sequence_parallel == 1 else "gather"
-        return trainers if mode == "local" and trainers > 1 else 1
+        self.sync_writers = trainers if mode == "local" and trainers > 1 else 1
+        method = cfg.sync.method
+        self.sync_method = ("shm" if nodes == 1 else "file") if method == "auto" else method
+
+    def _check_sync_nodes(self) -> None:
+        """sync.method=shm maps memory of one node: every trainer rank and engine must be on it."""
+        from rl.config import ConfigError
+
+        info = self.placement_info
+        used = set(info["trainer_nodes"]) | set(info["rollout_nodes"])
+        if self.sync_method == "shm" and len(used) > 1:
+            raise ConfigError(f"sync.method=shm: the run's workers are on {len(used)} nodes, and shared memory is "
+                              "one node's; use sync.method=file with a sync.dir every node sees (or "
+                              "sync.method=auto, which picks it across nodes)")
 
     def start(self, init_path: str | None = None) -> None:
         """Ray, a placement group checked against the cluster, trainer and rollout actors."""
@@ -259,13 +275,14 @@ class GRPODriver:
         self.plan = plan = plan_placement(cfg)
         nodes = cluster_nodes()
         check_fits(plan, nodes)   # fail now, naming the shortfall, instead of waiting forever
-        self.sync_writers = self._choose_sync_writers(len(nodes), len(plan.trainer))
+        self._choose_sync(len(nodes), len(plan.trainer))
         self.pg = placement_group(plan.bundles, strategy=plan.strategy)
         wait_ready([self.pg.ready()], ["placement group " + str(plan.bundles)], cfg.resources.wait_s,
                    "reserving resources")
         self.init_path = init_path or self.model_path
         self.rollouts = [self.make_rollout(j) for j in range(len(plan.rollout))]
         self.note_placement(self.start_trainers(also=self.rollouts))
+        self._check_sync_nodes()
 
     def note_placement(self, info: list[dict]) -> None:
         """Where each worker runs (the workers' ready() answers, trainers first): `placement_info`."""

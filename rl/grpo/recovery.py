@@ -350,7 +350,7 @@ def _replace_on_nodes_left(d, placed: set[int]) -> None:
     d.plan, d.pg = plan, placement_group(plan.bundles, strategy=plan.strategy)
     wait_ready([d.pg.ready()], ["placement group " + str(plan.bundles)], cfg.resources.wait_s,
                "placing the run on the nodes left")
-    d.sync_writers = d._choose_sync_writers(len(cluster_nodes()), len(plan.trainer))
+    d._choose_sync(len(cluster_nodes()), len(plan.trainer))
     d.rollouts = [d.make_rollout(j) for j in range(len(plan.rollout))]
     print(f"[r1lab] a node was lost and its bundles found no other within resources.wait_s="
           f"{cfg.resources.wait_s:g}s: the run goes on with {len(plan.trainer)} of {len(old.trainer)} trainer "

@@ -42,6 +42,13 @@
    `keep_processed_tensors_on_reload` keeps the new tensors of each re-processed layer that has such a handle
    alive beside it (`layer._r1lab_processed`, scales and the like, replaced at the next reload): the same decode
    and log-probs as before the reload.
+
+6. Reload time, not correctness: vLLM's CPU embedding method builds a GEMM handle (`dispatch_cpu_unquantized_gemm`,
+   a oneDNN matmul over the whole [vocab, hidden] weight) for the *input* embedding too, since the same method
+   serves the LM head; the embedding's forward is a lookup and never uses it. Built again on every in-place
+   reload it cost 0.24-0.28 s of a 0.5B-shape sync here (Qwen2.5's 151,936 x 896). `skip_embedding_gemm_on_reload`
+   leaves the input embedding's handle out during reloads (the weight is still loaded; a tied head is re-processed
+   on the new weight by `R1WorkerExtension.r1lab_retie_lm_head`).
 """
 from __future__ import annotations
 
@@ -125,6 +132,29 @@ def keep_processed_tensors_on_reload() -> Iterator[None]:
         yield
     finally:
         layerwise._copy_and_restore_kernel_tensors = original
+
+
+@contextlib.contextmanager
+def skip_embedding_gemm_on_reload(model: torch.nn.Module) -> Iterator[None]:
+    """Around a `reload_weights` call: the input embedding is re-processed without a GEMM handle (fix 6)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    method = getattr(embed, "quant_method", None)
+    if type(embed) is not VocabParallelEmbedding or method is None or "process_weights_after_loading" in vars(method):
+        yield
+        return
+    cls_process = type(method).process_weights_after_loading
+
+    def process(layer: torch.nn.Module) -> None:
+        if layer is not embed:      # a method shared with a tied LM head still processes the head
+            cls_process(method, layer)
+
+    method.process_weights_after_loading = process
+    try:
+        yield
+    finally:
+        del method.process_weights_after_loading     # back to the class's method
 
 
 def _count_at_least(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

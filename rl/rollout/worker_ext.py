@@ -2,7 +2,8 @@
 
 Names carry an `r1lab_` prefix: vLLM's CPU worker already defines `update_weights` and friends. On CPU, weight
 reloads go through `rl.rollout.vllm_cpu_fixes.repack_moe_on_reload` (vLLM skips the MoE experts' repack on a
-reload) and `keep_processed_tensors_on_reload` (int8 oneDNN handles outlive the tensors they were built on),
+reload), `keep_processed_tensors_on_reload` (int8 oneDNN handles outlive the tensors they were built on) and
+`skip_embedding_gemm_on_reload` (no GEMM handle for the input embedding's lookup),
 and MoE routing is recorded by `rl.rollout.routing_recorder` when asked. vLLM imports this module in
 the engine's worker process, which is where the sampler's rank count is made eager on CPU
 (`vllm_cpu_fixes.eager_rank_count`, ~4.7 s less start-up per engine).
@@ -14,7 +15,8 @@ from collections.abc import Iterator
 
 import torch
 
-from rl.rollout.vllm_cpu_fixes import eager_rank_count, keep_processed_tensors_on_reload, repack_moe_on_reload
+from rl.rollout.vllm_cpu_fixes import (eager_rank_count, keep_processed_tensors_on_reload, repack_moe_on_reload,
+                                       skip_embedding_gemm_on_reload)
 
 eager_rank_count()
 
@@ -78,9 +80,10 @@ class R1WorkerExtension:
         """Float64 sum of every parameter, for checking that a weight sync arrived. Quantized parameters
         (int8/fp8 weights, their scales) are left out: their sums are not the trainer's (the quantizer's
         round trip is checked as each tensor arrives instead, rl.rollout.quantization.check_roundtrip)."""
+        from rl.grpo.sync.checksum import tensor_sum
         from rl.rollout.quantization import is_quantized_param
 
-        return {n: float(p.detach().double().sum()) for n, p in self._r1lab_model().named_parameters()
+        return {n: tensor_sum(p) for n, p in self._r1lab_model().named_parameters()
                 if p.numel() > 0 and not is_quantized_param(n, p)}
 
     def r1lab_load_from_dir(self, path: str, checksum: bool = True) -> dict[str, float] | None:
@@ -104,9 +107,15 @@ class R1WorkerExtension:
     def r1lab_load_stream(self, spec: dict, version: int, reader: int, checksum: bool) -> dict[str, float] | None:
         """In-place reload of weight version `version` as the trainer streams it through the transport
         described by `spec` (rl.grpo.sync.transport): buckets are loaded as they arrive."""
+        import json
+
         from rl.grpo.sync.transport import make_transport
 
-        transport = make_transport(spec)
+        key = json.dumps(spec, sort_keys=True)   # kept between syncs: a shm reader keeps its slot mappings
+        cached = getattr(self, "_r1lab_transport", None)
+        if cached is None or cached[0] != key:
+            self._r1lab_transport = cached = (key, make_transport(spec))
+        transport = cached[1]
         # the transport sums what arrives piece by piece, as the writing rank(s) did (one piece per tensor with
         # a single writer; each rank's FSDP piece with sync.shards=local)
         transport.collect_sums = checksum
@@ -120,6 +129,7 @@ class R1WorkerExtension:
         parameters cannot all be read back). Fused expert tensors (transformers 5) are summed as they arrived
         and fed per expert (rl.moe.expert_layout). An int8 engine re-quantizes every tensor after its sum is
         taken (rl.rollout.quantization.quantize_stream, which also checks the quantizer's round trip)."""
+        from rl.grpo.sync.checksum import tensor_sum
         from rl.moe.expert_layout import split_experts
 
         sums: dict[str, float] = {}
@@ -128,7 +138,7 @@ class R1WorkerExtension:
         def counted():
             for name, t in tensors:
                 if checksum:
-                    sums[name] = float(t.double().sum())
+                    sums[name] = tensor_sum(t)
                 yield from split_experts(name, t, hidden)   # transformers 5's fused experts -> per expert
 
         stream = counted()
@@ -151,7 +161,8 @@ class R1WorkerExtension:
         if not _on_cpu():
             yield
             return
-        with repack_moe_on_reload(self._r1lab_model()), keep_processed_tensors_on_reload():
+        model = self._r1lab_model()
+        with repack_moe_on_reload(model), keep_processed_tensors_on_reload(), skip_embedding_gemm_on_reload(model):
             yield
 
     def r1lab_reload_path(self, path: str) -> None:

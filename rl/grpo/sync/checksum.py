@@ -13,10 +13,28 @@ vLLM stores some HF tensors fused (float64 sums add up, so a fused parameter's s
 What cannot be compared: on CPU vLLM repacks most linear weights into kernel formats and drops the originals
 from `named_parameters` (only norms, embeddings, routers and the experts' w13/w2 remain readable), so an
 engine name with no trainer counterpart is skipped; `match_engine_sums` says which names were compared.
+
+Every sum on both sides is `tensor_sum`: float64, added chunk by chunk of `SUM_CHUNK` elements. A chunk that
+small is reduced by one thread, so the result does not depend on the thread counts of the trainer ranks and the
+engine (a whole-tensor sum does for fp32 tensors: torch splits it over its threads), and each chunk's float64
+copy stays in cache: 0.09 s for a [151,936 x 896] bf16 embedding instead of 0.53 s for `t.double().sum()`.
 """
 from __future__ import annotations
 
 import re
+
+import torch
+
+SUM_CHUNK = 32768   # elements: at most one thread's share of a torch CPU reduction (its grain size)
+
+
+def tensor_sum(t: torch.Tensor) -> float:
+    """Float64 sum of `t`'s elements, the same number in every process for the same bytes (see above)."""
+    flat = t.detach().reshape(-1)
+    total = 0.0
+    for i in range(0, flat.numel(), SUM_CHUNK):
+        total += float(flat[i:i + SUM_CHUNK].double().sum())
+    return total
 
 _FUSED = (
     (".qkv_proj.", ("q_proj", "k_proj", "v_proj")),

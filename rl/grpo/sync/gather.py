@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from rl.grpo.fsdp_model import hf_key
+from rl.grpo.sync.checksum import tensor_sum
 
 LORA_PREFIX = "base_model.model."
 
@@ -110,5 +111,5 @@ def buckets(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> I
 
 
 def tensor_sums(bucket: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Float64 sum of every tensor: what the engine side compares against."""
-    return {k: float(v.double().sum()) for k, v in bucket.items()}
+    """Float64 sum of every tensor (`checksum.tensor_sum`): what the engine side compares against."""
+    return {k: tensor_sum(v) for k, v in bucket.items()}

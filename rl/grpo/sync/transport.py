@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from rl.grpo.sync.checksum import tensor_sum
+
 PREFIX = "r1lab-sync-"
 
 
@@ -116,11 +118,11 @@ class FileTransport:
 
     def _bucket(self, version: int, k: int, writer: int = 0) -> Path:
         w = f"-w{writer}" if self.writers > 1 else ""
-        return self.dir / f"v{version:06d}-b{k:05d}{w}.safetensors"
+        return self.dir / f"v{version:06d}-b{k:05d}{w}{self.SUFFIX}"
+
+    SUFFIX = ".safetensors"   # of the file whose appearance publishes a bucket
 
     def send(self, version: int, k: int, bucket: dict[str, torch.Tensor], writer: int = 0) -> None:
-        from safetensors.torch import save_file
-
         if k == 0 and writer == 0:  # the previous version's end marker: every reader has finished with it
             (self.dir / f"v{version - 1:06d}.end").unlink(missing_ok=True)
         if k >= self.max_inflight:
@@ -128,7 +130,12 @@ class FileTransport:
                 self._wait_consumed(version, k - self.max_inflight)
             else:
                 self._wait_gone(self._bucket(version, k - self.max_inflight, writer), version)
-        path = self._bucket(version, k, writer)
+        self._write(self._bucket(version, k, writer), k, writer, bucket)
+
+    def _write(self, path: Path, k: int, writer: int, bucket: dict[str, torch.Tensor]) -> None:
+        """Publish one bucket at `path`, atomically (a reader never sees half of it)."""
+        from safetensors.torch import save_file
+
         tmp = path.with_suffix(".tmp")
         save_file(bucket, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, path)
@@ -178,8 +185,6 @@ class FileTransport:
     # ------------------------------------------------------------------------------------------ reader
     def receive(self, version: int, reader: int) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield every tensor of version `version`, bucket by bucket, as the writer(s) produce them."""
-        from safetensors import safe_open
-
         k = 0
         end = self.dir / f"v{version:06d}.end"
         self.piece_sums = {}
@@ -202,17 +207,23 @@ class FileTransport:
                     next_check = now + 1.0
                     self._check_writer(version, reader)
                 time.sleep(0.002)
-            files = [safe_open(str(p), framework="pt") for p in paths]
+            files = [self._open_bucket(p) for p in paths]
             keys = [list(f.keys()) for f in files]
             held = [set(k_) for k_ in keys]
             for name in dict.fromkeys(n for k_ in keys for n in k_):
                 pieces = [f.get_tensor(name) for f, h in zip(files, held) if name in h]
                 if self.collect_sums:
-                    self.piece_sums[name] = sum(float(p.double().sum()) for p in pieces)
+                    self.piece_sums[name] = sum(tensor_sum(p) for p in pieces)
                 yield name, pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
             del files
             paths[0].with_name(paths[0].name + f".r{reader}").touch()
             k += 1
+
+    def _open_bucket(self, path: Path):
+        """A bucket's tensors: `keys()` in the writer's order, `get_tensor(name)` a tensor the reader owns."""
+        from safetensors import safe_open
+
+        return safe_open(str(path), framework="pt")
 
     def _check_writer(self, version: int, reader: int) -> None:
         """Fail at once when the writer (trainer rank 0) is a dead process of this host, or was replaced by a
@@ -227,13 +238,18 @@ class FileTransport:
                             f"{first.get('pid')}) died while bucket files were expected in {self.dir}")
 
 
-TRANSPORTS = {"file": FileTransport}
+# kind (sync.method) -> "module:class"; named, not imported, so that a transport's module may import this one
+TRANSPORTS = {"file": "rl.grpo.sync.transport:FileTransport", "shm": "rl.grpo.sync.shm:ShmTransport"}
 
 
 def make_transport(spec: dict) -> FileTransport:
     """Rebuild a transport from its `spec()` (in the reader's process)."""
+    import importlib
+
     spec = dict(spec)
     kind = spec.pop("kind")
     if kind not in TRANSPORTS:
         raise SyncError(f"unknown weight-sync transport {kind!r}; known: {sorted(TRANSPORTS)}")
-    return TRANSPORTS[kind](spec.pop("root"), spec.pop("run_id"), spec.pop("readers"), **spec)
+    module, cls = TRANSPORTS[kind].split(":")
+    return getattr(importlib.import_module(module), cls)(spec.pop("root"), spec.pop("run_id"), spec.pop("readers"),
+                                                           **spec)

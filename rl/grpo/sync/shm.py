@@ -1,0 +1,117 @@
+"""Shared-memory weight transport (sync.method=shm): trainer and engines of one node exchange buckets through
+memory both map, with no serialisation and no file written per bucket.
+
+Each writer owns `max_inflight` slot files in the run's directory (in sync.dir, /dev/shm by default), mapped
+once per process and reused by every sync: bucket k goes to slot k % max_inflight. A bucket is published by a
+small JSON index (names, dtypes, shapes, byte offsets in the slot, the slot's size and inode), renamed into place
+exactly where `FileTransport` puts its safetensors file, so everything else is FileTransport's protocol:
+back-pressure (the writer reuses a slot only after every reader marked the bucket that was in it), dead readers
+and writers, several writers (sync.shards=local), checksums of what arrived, sweeping a dead run's directory.
+
+What changes against the file transport, per bucket: the writer copies each tensor into its mapped slot (one
+memcpy; after the first sync the slot's pages exist, so no page faults and no tmpfs allocation), and the reader
+copies each tensor out of its own mapping of the same pages (no deserialisation). The reader copies instead of
+handing the engine views of the slot because vLLM's layer-wise reload keeps loaded tensors until every tensor of
+their layer has arrived: a view could be overwritten by bucket k + max_inflight before its layer is processed.
+
+A slot grows (ftruncate, then a new mapping) when a bucket does not fit; readers map again when the index names a
+larger size or another file (a restarted writer recreates its slots). A reader keeps its mappings between syncs
+when its transport object is kept (rl.rollout.worker_ext caches it per spec).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from rl.grpo.sync.transport import FileTransport, SyncError
+
+ALIGN = 64   # byte alignment of every tensor in a slot (any dtype's view, cache lines)
+
+
+def _layout(bucket: dict[str, torch.Tensor]) -> tuple[list[dict], int]:
+    """Each tensor's place in a slot, and the bytes the slot needs."""
+    entries, offset = [], 0
+    for name, t in bucket.items():
+        nbytes = t.numel() * t.element_size()
+        entries.append({"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                        "offset": offset, "nbytes": nbytes})
+        offset += -(-nbytes // ALIGN) * ALIGN
+    return entries, offset
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+class ShmTransport(FileTransport):
+    """Buckets in shared-memory slots that the writer and the readers of one node map."""
+    kind = "shm"
+    SUFFIX = ".bucket.json"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._maps: dict[Path, tuple[int, int, torch.Tensor]] = {}   # slot -> (inode, bytes, its mapping)
+
+    def _map(self, path: Path, size: int, inode: int | None = None) -> torch.Tensor:
+        """This process's mapping of slot `path`, at least `size` bytes. Writer (inode None): the file is created
+        or grown first. Reader: mapped again when the writer's file is another (inode) or larger."""
+        have = self._maps.get(path)
+        if have is not None and have[1] >= size and (inode is None or have[0] == inode):
+            return have[2]
+        if inode is None:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                if os.fstat(fd).st_size < size:
+                    os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError as e:
+            raise SyncError(f"weight sync: shared-memory slot {path} is gone (the writer closed the run's "
+                            "directory)") from e
+        if inode is not None and st.st_ino != inode:
+            raise SyncError(f"weight sync: shared-memory slot {path} was replaced while a bucket in it was read")
+        mem = torch.from_file(str(path), shared=True, size=st.st_size, dtype=torch.uint8)
+        self._maps[path] = (st.st_ino, st.st_size, mem)
+        return mem
+
+    # ------------------------------------------------------------------------------------------ writer
+    def _write(self, path: Path, k: int, writer: int, bucket: dict[str, torch.Tensor]) -> None:
+        slot = self.dir / f"slot-w{writer}-{k % self.max_inflight}.bin"
+        entries, size = _layout(bucket)
+        mem = self._map(slot, size)
+        for entry, t in zip(entries, bucket.values()):
+            mem[entry["offset"]:entry["offset"] + entry["nbytes"]].copy_(_as_bytes(t))
+        inode, nbytes, _ = self._maps[slot]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"slot": slot.name, "inode": inode, "size": nbytes, "tensors": entries}))
+        os.replace(tmp, path)   # publishes the bucket: its bytes are in the slot already
+
+    def close(self) -> None:
+        self._maps.clear()
+        super().close()
+
+    # ------------------------------------------------------------------------------------------ reader
+    def _open_bucket(self, path: Path) -> "_SlotBucket":
+        index = json.loads(path.read_text())
+        mem = self._map(self.dir / index["slot"], index["size"], inode=index["inode"])
+        return _SlotBucket(mem, index["tensors"])
+
+
+class _SlotBucket:
+    """One published bucket as the reader sees it: the slot's bytes, read through its index."""
+
+    def __init__(self, mem: torch.Tensor, entries: list[dict]):
+        self.mem, self.entries = mem, {e["name"]: e for e in entries}
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        e = self.entries[name]
+        raw = self.mem[e["offset"]:e["offset"] + e["nbytes"]]
+        return raw.view(getattr(torch, e["dtype"])).reshape(e["shape"]).clone()
