@@ -231,3 +231,26 @@ def test_shm_published_index_names_a_replaced_slot(tmp_path):
     with pytest.raises(SyncError, match="slot-w0-0.bin was replaced"):
         list(reader.receive(1, 0))
     writer.close()
+
+
+@TRANSPORTS
+def test_a_full_sync_dir_is_a_clear_error_naming_it(tmp_path, cls, monkeypatch):
+    """A RAM disk without room for a bucket (a container's 64 MB /dev/shm) is a SyncError naming sync.dir, the
+    bucket's size and the fixes; nothing half-written is left (shm: the slot is allocated before it is mapped, so
+    the writer cannot die of SIGBUS on a full tmpfs)."""
+    import errno
+
+    import safetensors.torch
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("os.posix_fallocate", full)
+    monkeypatch.setattr(safetensors.torch, "serialize_file", full)
+    writer = cls(str(tmp_path), "full", readers=1, timeout_s=5)
+    writer.open_writer()
+    with pytest.raises(SyncError, match=rf"sync.dir={tmp_path} has no room for bucket 0 \(1 MB; .* MB free.*"
+                                        r"--shm-size.*sync.bucket_mb"):
+        writer.send(1, 0, {"w": torch.zeros(2**18)})
+    assert not list(writer.dir.glob("v*")) and not list(writer.dir.glob("*.tmp"))
+    writer.close()

@@ -14,19 +14,21 @@ copies each tensor out of its own mapping of the same pages (no deserialisation)
 handing the engine views of the slot because vLLM's layer-wise reload keeps loaded tensors until every tensor of
 their layer has arrived: a view could be overwritten by bucket k + max_inflight before its layer is processed.
 
-A slot grows (ftruncate, then a new mapping) when a bucket does not fit; readers map again when the index names a
+A slot grows (posix_fallocate, so that a full RAM disk is a clear error now rather than a SIGBUS when the mapped
+pages are first written; then a new mapping) when a bucket does not fit; readers map again when the index names a
 larger size or another file (a restarted writer recreates its slots). A reader keeps its mappings between syncs
 when its transport object is kept (rl.rollout.worker_ext caches it per spec).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
 
 import torch
 
-from rl.grpo.sync.transport import FileTransport, SyncError
+from rl.grpo.sync.transport import FileTransport, SyncError, no_room
 
 ALIGN = 64   # byte alignment of every tensor in a slot (any dtype's view, cache lines)
 
@@ -54,6 +56,7 @@ class ShmTransport(FileTransport):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._maps: dict[Path, tuple[int, int, torch.Tensor]] = {}   # slot -> (inode, bytes, its mapping)
+        self._writing = 0   # the bucket being written (named by a full sync.dir's error)
 
     def _map(self, path: Path, size: int, inode: int | None = None) -> torch.Tensor:
         """This process's mapping of slot `path`, at least `size` bytes. Writer (inode None): the file is created
@@ -64,8 +67,12 @@ class ShmTransport(FileTransport):
         if inode is None:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
-                if os.fstat(fd).st_size < size:
-                    os.ftruncate(fd, size)
+                if os.fstat(fd).st_size < size:   # allocated now: a full tmpfs fails here, not as a SIGBUS later
+                    os.posix_fallocate(fd, 0, size)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                raise no_room(self.root, self._writing, size) from e
             finally:
                 os.close(fd)
         try:
@@ -83,6 +90,7 @@ class ShmTransport(FileTransport):
     def _write(self, path: Path, k: int, writer: int, bucket: dict[str, torch.Tensor]) -> None:
         slot = self.dir / f"slot-w{writer}-{k % self.max_inflight}.bin"
         entries, size = _layout(bucket)
+        self._writing = k
         mem = self._map(slot, size)
         for entry, t in zip(entries, bucket.values()):
             mem[entry["offset"]:entry["offset"] + entry["nbytes"]].copy_(_as_bytes(t))

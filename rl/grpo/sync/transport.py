@@ -30,6 +30,7 @@ add up to, so the exact comparison of the checksum step still holds.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -57,6 +58,19 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def no_room(root: Path, k: int, nbytes: int) -> SyncError:
+    """The error for a sync.dir that cannot hold a bucket (a container's /dev/shm is 64 MB unless raised)."""
+    try:
+        st = os.statvfs(root)
+        free = f"{st.f_bavail * st.f_frsize / 2**20:.0f} MB free of {st.f_blocks * st.f_frsize / 2**20:.0f} MB"
+    except OSError:
+        free = "free space unknown"
+    return SyncError(f"weight sync: sync.dir={root} has no room for bucket {k} ({nbytes / 2**20:.0f} MB; {free}). "
+                     "Give it more (docker run --shm-size=8g, or a larger tmpfs), point sync.dir at a larger RAM "
+                     "disk or a local disk, or lower sync.bucket_mb (a sync holds about 2 buckets per writing "
+                     "trainer rank)")
 
 
 def sweep_stale(root: str | Path) -> list[str]:
@@ -137,7 +151,13 @@ class FileTransport:
         from safetensors.torch import save_file
 
         tmp = path.with_suffix(".tmp")
-        save_file(bucket, str(tmp), metadata={"format": "pt"})
+        try:
+            save_file(bucket, str(tmp), metadata={"format": "pt"})
+        except Exception as e:
+            tmp.unlink(missing_ok=True)
+            if "No space left" in str(e) or getattr(e, "errno", None) == errno.ENOSPC:
+                raise no_room(self.root, k, sum(t.numel() * t.element_size() for t in bucket.values())) from e
+            raise
         os.replace(tmp, path)
 
     def finish(self, version: int, count: int) -> None:
