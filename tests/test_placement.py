@@ -159,3 +159,50 @@ def test_wait_ready_raises_a_failure_without_waiting_for_the_rest(ray_local):
     assert wait_ready([ok.remote(0.0), ok.remote(1.5)], ["a", "b"], 60, "starting", report_every_s=0.5,
                       log=lambda msg, **k: reports.append(msg)) == [0.0, 1.5]
     assert reports and all("waiting for ['b']" in r for r in reports)
+
+
+def test_a_worker_whose_constructor_raised_is_reported_by_its_error_without_resume_advice(ray_local):
+    """A worker whose __init__ raised (a full sync.dir, a model it cannot load) stops the run with that error's
+    type and message in one line, not "died ... rerun with checkpoint.resume=auto" (a resume cannot mend it); a
+    worker killed while running keeps the resume advice."""
+    from types import SimpleNamespace
+
+    import ray
+
+    from rl.grpo.driver import GRPODriver, WorkerDied, _init_error
+    from rl.grpo.sync.transport import SyncError
+
+    @ray.remote(num_cpus=0)
+    class Broken:
+        def __init__(self):
+            raise SyncError("weight sync: sync.dir=/dev/shm has no room for bucket 0 (512 MB; 64 MB free of 64 MB)")
+
+        def ready(self):
+            return True
+
+    @ray.remote(num_cpus=0)
+    class Alive:
+        def ready(self):
+            return True
+
+    broken, alive = Broken.remote(), Alive.remote()
+    ray.get(alive.ready.remote())
+    ray.kill(alive)
+    errors = []
+    for actor in (broken, alive):
+        try:
+            ray.get(actor.ready.remote(), timeout=60)
+        except Exception as e:
+            errors.append(e)
+    assert _init_error(errors[0]) == ("SyncError: weight sync: sync.dir=/dev/shm has no room for bucket 0 (512 MB; "
+                                      "64 MB free of 64 MB)")
+    assert _init_error(errors[1]) is None
+    fake = SimpleNamespace(last_ckpt=None, step=0, _actor_names=lambda: {
+        broken._actor_id.hex(): ("trainer worker 0 (TrainerWorker)", "trainer", 0),
+        alive._actor_id.hex(): ("rollout worker 0 (RolloutWorker)", "rollout", 0)})
+    with pytest.raises(WorkerDied, match=r"^trainer worker 0 \(TrainerWorker\) failed to start at step 1: SyncError: "
+                                         r"weight sync: sync.dir=/dev/shm has no room.*\(its traceback is above\)$"):
+        GRPODriver._raise_worker_error(fake, errors[0], "start-up")
+    with pytest.raises(WorkerDied, match=r"^rollout worker 0 \(RolloutWorker\) died during start-up at step 1\. "
+                                         r"Stopping; no checkpoint was written yet; rerun with checkpoint.resume=auto"):
+        GRPODriver._raise_worker_error(fake, errors[1], "start-up")

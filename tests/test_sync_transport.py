@@ -3,6 +3,7 @@ writes its FSDP pieces, the reader concatenates them; bytes, checksums, back-pre
 the shared-memory slots' reuse, growth and replacement."""
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -253,4 +254,37 @@ def test_a_full_sync_dir_is_a_clear_error_naming_it(tmp_path, cls, monkeypatch):
                                         r"--shm-size.*sync.bucket_mb"):
         writer.send(1, 0, {"w": torch.zeros(2**18)})
     assert not list(writer.dir.glob("v*")) and not list(writer.dir.glob("*.tmp"))
+    writer.close()
+
+
+def test_largest_bucket_is_what_the_bucket_cut_makes_and_start_up_checks_room(tmp_path, monkeypatch):
+    """The start-up room check (trainer rank 0 after open_writer): the largest bucket is computed from shapes
+    alone, equal to the largest one `buckets` cuts from the tensors in the engine dtype (a tied head left out);
+    a sync.dir with less free space than max_inflight of them fails at once, naming it."""
+    from rl.grpo.sync import buckets
+    from rl.grpo.sync.gather import largest_bucket_bytes
+
+    model = torch.nn.Module()
+    for i, shape in enumerate([(64, 16), (300, 8), (5,), (40, 40), (7, 3)]):
+        model.register_parameter(f"p{i}", torch.nn.Parameter(torch.randn(*shape)))
+    model.register_buffer("steps", torch.zeros(3, dtype=torch.int64))
+    model.lm_head = torch.nn.Linear(16, 64, bias=False)
+    for size in (1, 500, 4_000, 10_000, 10**9):
+        cast = [(k, v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in model.state_dict().items()]
+        want = max(sum(t.numel() * t.element_size() for t in b.values()) for b in buckets(cast, size))
+        assert largest_bucket_bytes(model, torch.bfloat16, size) == want, size
+        cut = [(k, v) for k, v in cast if k != "lm_head.weight"]
+        want = max(sum(t.numel() * t.element_size() for t in b.values()) for b in buckets(cut, size))
+        assert largest_bucket_bytes(model, torch.bfloat16, size, tied_head=True) == want, size
+
+    writer = ShmTransport(str(tmp_path), "room", readers=1, max_inflight=2)
+    writer.open_writer()
+    writer.check_room(2 * 2**20)   # a real directory with room
+    real = os.statvfs(tmp_path)
+    small = type("S", (), {"f_bavail": 3 * 2**20 // real.f_frsize, "f_frsize": real.f_frsize,
+                           "f_blocks": 16 * 2**20 // real.f_frsize})
+    monkeypatch.setattr(os, "statvfs", lambda path: small)
+    with pytest.raises(SyncError, match=rf"sync.dir={tmp_path} has no room for the 2 buckets in flight of a weight "
+                                        r"sync \(2 x 2 MB; 3 MB free of 16 MB\).*--shm-size"):
+        writer.check_room(2 * 2 * 2**20)
     writer.close()

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import time
 import uuid
@@ -69,6 +70,18 @@ def _rank0_address() -> tuple[str, int]:
     from rl.ports import rendezvous_port
 
     return ray.util.get_node_ip_address(), rendezvous_port("")
+
+
+def _init_error(e: Exception) -> str | None:
+    """'<ExceptionType>: <message>' of the exception an actor's constructor raised (Ray keeps only its text), else
+    None (the actor died otherwise: killed, out of memory, its node lost)."""
+    if not getattr(e, "_actor_init_failed", False):
+        return None
+    for line in reversed([ln.strip() for ln in str(e).splitlines()]):
+        m = re.match(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Exit)\w*): (.+)$", line)
+        if m:
+            return f"{m[1]}: {m[2]}"
+    return None
 
 
 def _import_path() -> list[str]:
@@ -384,6 +397,10 @@ class GRPODriver:
                                  "checkpoint.resume=auto to continue", list(getattr(cause, "stalled", []))) from None
         if isinstance(e, RayActorError):
             who, kind, index = self._actor_names().get(getattr(e, "actor_id", None) or "", ("a Ray worker", None, None))
+            why = _init_error(e)
+            if why:   # its constructor raised (a full sync.dir, a model it cannot load): no resume will mend that
+                raise WorkerDied(f"{who} failed to start at step {self.step + 1}: {why} (its traceback is above)",
+                                 kind, index) from None
             raise WorkerDied(f"{who} died during {what} at step {self.step + 1}. Stopping; {where}; rerun with "
                              f"checkpoint.resume=auto to continue. Ray said: {e}", kind, index) from None
         if isinstance(e, GetTimeoutError):
@@ -678,7 +695,8 @@ class GRPODriver:
             try:
                 from rl.grpo.plots import plot_timing
 
-                timing = plot_timing(self.out / "metrics.jsonl", self.out / "timing.png")
+                if (self.out / "metrics.jsonl").exists():   # a run that stopped before its first step has none
+                    timing = plot_timing(self.out / "metrics.jsonl", self.out / "timing.png")
             except Exception as e:  # a plot must never hide the run's own outcome
                 log.warning("could not plot the time breakdown: %s", e)
             mlog.finish({"plots/timing": timing} if timing else {}, {**result, **mlog.last})

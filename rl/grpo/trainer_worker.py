@@ -97,6 +97,7 @@ class TrainerWorker:
             self.transport = make_transport(sync_spec)
             if rank == 0:
                 self.swept = self.transport.open_writer()   # also removes sync directories of dead runs
+                self.transport.check_room(self.transport.max_inflight * self._largest_bucket(cfg.sync.bucket_mb))
 
     def _build(self, model_path: str, cfg: GRPOConfig) -> None:
         """Device mesh, policy (+ frozen reference / teacher), optimizer and schedule."""
@@ -326,6 +327,13 @@ class TrainerWorker:
         return float(gn)
 
     # ------------------------------------------------------------------------------------------------ weights
+    def _largest_bucket(self, bucket_mb: float) -> int:
+        """Bytes of the largest bucket a weight sync sends (all writers' pieces together)."""
+        from rl.grpo.sync.gather import largest_bucket_bytes
+
+        tied = bool(getattr(self.model.hf.config, "tie_word_embeddings", False))
+        return largest_bucket_bytes(self.model, self._engine_dtype(), max(1, int(bucket_mb * 2**20)), tied_head=tied)
+
     def _hf_tensors(self, dtype: torch.dtype | None = None):
         from rl.grpo.sync import iter_full_tensors
 

@@ -113,3 +113,22 @@ def buckets(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> I
 def tensor_sums(bucket: dict[str, torch.Tensor]) -> dict[str, float]:
     """Float64 sum of every tensor (`checksum.tensor_sum`): what the engine side compares against."""
     return {k: tensor_sum(v) for k, v in bucket.items()}
+
+
+def largest_bucket_bytes(model: torch.nn.Module, dtype: torch.dtype, bucket_bytes: int, *, tied_head: bool = False
+                         ) -> int:
+    """The largest bucket a sync of `model` in `dtype` makes (full tensors, cut as `buckets` and `local_buckets`
+    cut them), without touching any data: what a transport must have room for, times its buckets in flight."""
+    size = count = largest = 0
+    for key, value in model.state_dict().items():
+        if tied_head and hf_key(key) == "lm_head.weight":
+            continue
+        n = value.numel() * (torch.empty((), dtype=dtype).element_size() if value.is_floating_point()
+                             else value.element_size())
+        if count and size + n > bucket_bytes:
+            size = count = 0
+        size += n
+        count += 1
+        largest = max(largest, size)
+    return largest
+

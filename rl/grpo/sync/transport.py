@@ -60,14 +60,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def no_room(root: Path, k: int, nbytes: int) -> SyncError:
-    """The error for a sync.dir that cannot hold a bucket (a container's /dev/shm is 64 MB unless raised)."""
+def no_room(root: Path, k: int, nbytes: int, at_start: int = 0) -> SyncError:
+    """The error for a sync.dir that cannot hold a bucket (a container's /dev/shm is 64 MB unless raised);
+    `at_start`: checked before the first sync, for that many buckets in flight."""
     try:
         st = os.statvfs(root)
         free = f"{st.f_bavail * st.f_frsize / 2**20:.0f} MB free of {st.f_blocks * st.f_frsize / 2**20:.0f} MB"
     except OSError:
         free = "free space unknown"
-    return SyncError(f"weight sync: sync.dir={root} has no room for bucket {k} ({nbytes / 2**20:.0f} MB; {free}). "
+    what = (f"the {at_start} buckets in flight of a weight sync ({at_start} x {nbytes / 2**20:.0f} MB" if at_start
+            else f"bucket {k} ({nbytes / 2**20:.0f} MB")
+    return SyncError(f"weight sync: sync.dir={root} has no room for {what}; {free}). "
                      "Give it more (docker run --shm-size=8g, or a larger tmpfs), point sync.dir at a larger RAM "
                      "disk or a local disk, or lower sync.bucket_mb (a sync holds about 2 buckets per writing "
                      "trainer rank)")
@@ -129,6 +132,12 @@ class FileTransport:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "owner.json").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
         return swept
+
+    def check_room(self, need: int) -> None:
+        """Writer 0 at start-up: fail now, not at the first sync, when sync.dir cannot hold `need` bytes."""
+        st = os.statvfs(self.root)
+        if st.f_bavail * st.f_frsize < need:
+            raise no_room(self.root, 0, need // self.max_inflight, at_start=self.max_inflight)
 
     def _bucket(self, version: int, k: int, writer: int = 0) -> Path:
         w = f"-w{writer}" if self.writers > 1 else ""
