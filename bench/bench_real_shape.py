@@ -44,7 +44,8 @@ def main() -> None:
         "model.path=tiny:qwen2:shape=qwen2.5-0.5b", "model.dtype=bfloat16", "data.max_prompt_tokens=512",
         "rollout.batch_prompts=4", "rollout.n=4", f"rollout.max_new_tokens={a.new_tokens}", "rollout.max_model_len=1024",
         "rollout.kv_cache_gb=1", "rollout.enforce_eager=false", "trainer.micro_batch_tokens=2048", "trainer.threads=1",
-        "trainer.lr=1e-6", f"sync.checksum_every={a.checksum_every}", f"sync.method={a.sync_method}", "sync.bucket_mb=256", "checkpoint.every=0", "log.progress=false",
+        "trainer.lr=1e-6", f"sync.checksum_every={a.checksum_every}", f"sync.method={a.sync_method}",
+        "sync.bucket_mb=256", "checkpoint.every=0", "log.progress=false",
         f"log.output_dir={out}", "resources.ray_address=local", f"trainer.max_steps={a.steps}"])
     d = GRPODriver(cfg)
     d.start()
@@ -60,9 +61,10 @@ def main() -> None:
         d.close()
     keys = ["perf/step_s", "perf/rollout_s", "perf/gen_s", "perf/reward_s", "perf/logprobs_s", "perf/update_s",
             "perf/sync_s", "perf/idle_s"]
+    checked = f"every {a.checksum_every} step(s)" if a.checksum_every else "at step 1"
     print(f"Qwen2.5-0.5B shape, 2 FSDP2 ranks + 1 vLLM CPU engine, {cfg.rollout.batch_prompts}x{cfg.rollout.n} "
           f"samples x {a.new_tokens} new tokens, bf16 compute; weight sync {d.sync_method} with {d.sync_writers} "
-          f"writer(s), checksums {'every step' if a.checksum_every == 1 else 'at step 1' if not a.checksum_every else f'every {a.checksum_every} steps'}")
+          f"writer(s), checksums {checked}")
     for i, r in enumerate(rows, 1):
         print(f"step {i}: " + ", ".join(f"{k.split('/')[1]} {r[k]:.1f}s" for k in keys) +
               f"; sync {r['sync/mb']:.0f} MB in {int(r['sync/buckets'])} buckets (gather {r['perf/sync_gather_s']:.1f}s,"

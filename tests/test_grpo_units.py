@@ -326,8 +326,11 @@ def test_sync_method_auto_is_shm_on_one_node_and_shm_refuses_several():
     from rl.grpo.driver import GRPODriver
 
     for method, nodes, want in [("auto", 1, "shm"), ("auto", 2, "file"), ("file", 1, "file"), ("shm", 1, "shm")]:
-        d = SimpleNamespace(cfg=load_config(GRPOConfig, "configs/tiny_grpo.yaml", [f"sync.method={method}"]))
+        d = SimpleNamespace(cfg=load_config(GRPOConfig, "configs/tiny_grpo.yaml", [f"sync.method={method}"]),
+                            sync_method=None)
         GRPODriver._choose_sync(d, nodes, 2)
+        assert d.sync_method == want, (method, nodes)
+        GRPODriver._choose_sync(d, 3 - nodes, 2)   # a run that lost (or regained) nodes keeps its transport
         assert d.sync_method == want, (method, nodes)
     d.placement_info = {"trainer_nodes": ["a", "a"], "rollout_nodes": ["a"]}
     GRPODriver._check_sync_nodes(d)

@@ -202,7 +202,7 @@ class GRPODriver:
         self.step = 0
         self.version = 0          # weight version the engines hold (= steps trained when they last loaded)
         self.sync_writers = 1     # trainer ranks writing a sync (sync.shards, decided at start())
-        self.sync_method = "file"  # the transport (sync.method, decided at start())
+        self.sync_method: str | None = None   # the transport (sync.method, decided at start(), kept after)
         self.ckpt_root = self.out / "checkpoints"
         self.run_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.trainers: list[Any] = []
@@ -257,14 +257,16 @@ class GRPODriver:
         """sync.shards: local -> every trainer rank writes its own pieces (writers = trainer ranks); gather -> rank
         0 writes gathered tensors. auto = local when the whole run is on one node (every rank and engine then
         sees sync.dir), the model has no LoRA adapters (merged from full tensors) and no sequence parallelism.
-        sync.method: auto = shm (rl.grpo.sync.shm) on one node, file across nodes."""
+        sync.method: auto = shm (rl.grpo.sync.shm) on one node, file across nodes; decided once: a run that lost
+        nodes keeps its transport (its sync.dir was chosen for it)."""
         cfg = self.cfg
         mode = cfg.sync.shards
         if mode == "auto":
             mode = "local" if nodes == 1 and not cfg.model.lora_r and cfg.trainer.sequence_parallel == 1 else "gather"
         self.sync_writers = trainers if mode == "local" and trainers > 1 else 1
         method = cfg.sync.method
-        self.sync_method = ("shm" if nodes == 1 else "file") if method == "auto" else method
+        if self.sync_method is None:
+            self.sync_method = ("shm" if nodes == 1 else "file") if method == "auto" else method
 
     def _check_sync_nodes(self) -> None:
         """sync.method=shm maps memory of one node: every trainer rank and engine must be on it."""

@@ -1,4 +1,5 @@
-"""Trainer -> rollout-engine weight sync: gather one bucket at a time (`gather`), move it (`transport`)."""
+"""Trainer -> rollout-engine weight sync: gather one bucket at a time (`gather`), move it (`transport`: files;
+`shm`: shared-memory slots), check what arrived (`checksum`)."""
 from rl.grpo.sync.gather import buckets, iter_full_tensors, iter_local_shards, local_buckets, tensor_sums
 from rl.grpo.sync.transport import FileTransport, SyncError, make_transport, sweep_stale
 

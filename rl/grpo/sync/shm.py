@@ -4,7 +4,8 @@ memory both map, with no serialisation and no file written per bucket.
 Each writer owns `max_inflight` slot files in the run's directory (in sync.dir, /dev/shm by default), mapped
 once per process and reused by every sync: bucket k goes to slot k % max_inflight. A bucket is published by a
 small JSON index (names, dtypes, shapes, byte offsets in the slot, the slot's size and inode), renamed into place
-exactly where `FileTransport` puts its safetensors file, so everything else is FileTransport's protocol:
+where `FileTransport` puts its safetensors file (with `.bucket.json` for a suffix), so everything else is
+FileTransport's protocol:
 back-pressure (the writer reuses a slot only after every reader marked the bucket that was in it), dead readers
 and writers, several writers (sync.shards=local), checksums of what arrived, sweeping a dead run's directory.
 

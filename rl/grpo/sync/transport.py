@@ -7,6 +7,9 @@ the writer never gets more than `max_inflight` buckets ahead of the slowest read
 is a couple of buckets, not the model. New transports (NCCL broadcast, CUDA IPC handles) implement the same
 four methods and register in `TRANSPORTS`; `sync.method` picks one.
 
+`ShmTransport` (sync.method=shm, the default on one node; rl.grpo.sync.shm) keeps this protocol and moves the
+bytes through reused shared-memory slots instead of one file per bucket.
+
 `FileTransport` (sync.method=file): safetensors files in `sync.dir` (a RAM disk such as /dev/shm on one node; a
 shared file system across nodes). Each bucket is written to a temporary name and renamed, so a reader never
 sees half a file; each reader marks the buckets it has loaded; the writer deletes a bucket once every reader has
