@@ -54,10 +54,12 @@ def _write(transport, version, rows, rank, bucket_bytes, sums_out, errors):
 
 
 @TRANSPORTS
-def test_pieces_of_every_rank_arrive_whole_with_the_ranks_checksums(tmp_path, cls):
+@pytest.mark.parametrize("inflight", [1, 2])
+def test_pieces_of_every_rank_arrive_whole_with_the_ranks_checksums(tmp_path, cls, inflight):
+    """(inflight 2: rank 1's bucket of the replicated c.bias is empty, a fresh slot of no bytes)"""
     full = _model()
     world = 2
-    writers = [cls(str(tmp_path), "t", readers=1, writers=world, timeout_s=30, max_inflight=1)
+    writers = [cls(str(tmp_path), "t", readers=1, writers=world, timeout_s=30, max_inflight=inflight)
                for _ in range(world)]
     writers[0].open_writer()
     reader = make_transport(writers[0].spec())
@@ -217,6 +219,8 @@ def test_shm_reader_follows_a_restarted_writer(tmp_path):
     want = _model(5)
     got = _sync(new, reader, 2, want, bucket_bytes=10_000)
     assert all(torch.equal(got[n], t) for n, t in want.items())
+    now = {os.stat(p).st_ino for p in new.dir.glob("slot-*")}
+    assert {inode for inode, _, _ in reader._maps.values()} <= now   # the old slots' pages are not held
     new.close()
 
 
@@ -276,6 +280,17 @@ def test_largest_bucket_is_what_the_bucket_cut_makes_and_start_up_checks_room(tm
         cut = [(k, v) for k, v in cast if k != "lm_head.weight"]
         want = max(sum(t.numel() * t.element_size() for t in b.values()) for b in buckets(cut, size))
         assert largest_bucket_bytes(model, torch.bfloat16, size, tied_head=True) == want, size
+
+    # a LoRA policy (PEFT's names): adapters are merged, not sent; a tied head under PEFT's prefix is left out too
+    peft = torch.nn.Module()
+    peft.base_model = torch.nn.Module()
+    peft.base_model.model = inner = torch.nn.Module()
+    inner.q = torch.nn.Module()
+    inner.q.base_layer = torch.nn.Linear(16, 16, bias=False)
+    inner.q.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(16, 4, bias=False)})
+    inner.q.lora_B = torch.nn.ModuleDict({"default": torch.nn.Linear(4, 16, bias=False)})
+    inner.lm_head = torch.nn.Linear(16, 64, bias=False)
+    assert largest_bucket_bytes(peft, torch.bfloat16, 10**9, tied_head=True) == 16 * 16 * 2
 
     writer = ShmTransport(str(tmp_path), "room", readers=1, max_inflight=2)
     writer.open_writer()

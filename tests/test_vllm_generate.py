@@ -64,6 +64,11 @@ def test_a_reload_builds_no_gemm_handle_for_the_input_embedding(monkeypatch):
     assert built == [head]
     method.process_weights_after_loading(embed)   # outside a reload (the first load): vLLM's own behaviour
     assert built == [head, embed] and "process_weights_after_loading" not in vars(method)
+    built.clear()
+    del model.lm_head            # logits from the embedding itself (vLLM's Gemma 2): its handle must be rebuilt
+    with skip_embedding_gemm_on_reload(model):
+        method.process_weights_after_loading(embed)
+    assert built == [embed]
 
 
 def test_streamed_groups_have_every_sample_and_temperature_logprobs(vllm_engine, tiny):

@@ -75,7 +75,7 @@ def _rank0_address() -> tuple[str, int]:
 def _init_error(e: Exception) -> str | None:
     """'<ExceptionType>: <message>' of the exception an actor's constructor raised (Ray keeps only its text), else
     None (the actor died otherwise: killed, out of memory, its node lost)."""
-    if not getattr(e, "_actor_init_failed", False):
+    if not getattr(e, "actor_init_failed", getattr(e, "_actor_init_failed", False)):
         return None
     for line in reversed([ln.strip() for ln in str(e).splitlines()]):
         m = re.match(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Exit)\w*): (.+)$", line)

@@ -307,6 +307,7 @@ def restart_trainers(d, err: WorkerDied) -> None:
         d.note_placement(d.start_trainers(also=d.rollouts, restart=True))
     else:
         d.placement_info["trainer_nodes"] = [i["node_id"] for i in d.start_trainers(restart=True)]
+    d._check_sync_nodes()   # an explicit sync.method=shm run re-placed over several nodes stops here, saying so
     # the newest checkpoint that verifies (a damaged one is renamed step_N.damaged, with a warning naming the file)
     good = ckpt.latest_intact_checkpoint(d.ckpt_root, verify_files=d.cfg.checkpoint.verify)
     if good is None and d.last_ckpt is not None and d.last_ckpt.parent != d.ckpt_root:

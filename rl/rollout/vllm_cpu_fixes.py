@@ -48,7 +48,8 @@
    serves the LM head; the embedding's forward is a lookup and never uses it. Built again on every in-place
    reload it cost 0.24-0.28 s of a 0.5B-shape sync here (Qwen2.5's 151,936 x 896). `skip_embedding_gemm_on_reload`
    leaves the input embedding's handle out during reloads (the weight is still loaded; a tied head is re-processed
-   on the new weight by `R1WorkerExtension.r1lab_retie_lm_head`).
+   on the new weight by `R1WorkerExtension.r1lab_retie_lm_head`), only where an `lm_head` module computes the
+   logits: models whose logits come from the embedding itself (vLLM's Gemma 2 has no lm_head) keep vLLM's way.
 """
 from __future__ import annotations
 
@@ -137,11 +138,15 @@ def keep_processed_tensors_on_reload() -> Iterator[None]:
 @contextlib.contextmanager
 def skip_embedding_gemm_on_reload(model: torch.nn.Module) -> Iterator[None]:
     """Around a `reload_weights` call: the input embedding is re-processed without a GEMM handle (fix 6)."""
-    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod, VocabParallelEmbedding
 
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    head = getattr(model, "lm_head", None)
     method = getattr(embed, "quant_method", None)
-    if type(embed) is not VocabParallelEmbedding or method is None or "process_weights_after_loading" in vars(method):
+    # only where a separate LM head module computes the logits: models whose logits come from the embedding
+    # itself (no lm_head, as vLLM's Gemma 2) need the embedding's handle rebuilt
+    if (type(embed) is not VocabParallelEmbedding or head is None or head is embed
+            or not isinstance(method, UnquantizedEmbeddingMethod) or "process_weights_after_loading" in vars(method)):
         yield
         return
     cls_process = type(method).process_weights_after_loading

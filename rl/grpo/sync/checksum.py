@@ -29,8 +29,10 @@ SUM_CHUNK = 32768   # elements: at most one thread's share of a torch CPU reduct
 
 
 def tensor_sum(t: torch.Tensor) -> float:
-    """Float64 sum of `t`'s elements, the same number in every process for the same bytes (see above)."""
-    flat = t.detach().reshape(-1)
+    """Float64 sum of `t`'s elements, the same number in every process for the same bytes (see above). Always
+    on the CPU: a GPU tensor (a trainer's piece with sync.shards=local) is copied first, as a GPU would add in
+    another order than the engine's CPU and pay a launch per chunk."""
+    flat = t.detach().reshape(-1).cpu()
     total = 0.0
     for i in range(0, flat.numel(), SUM_CHUNK):
         total += float(flat[i:i + SUM_CHUNK].double().sum())

@@ -121,7 +121,11 @@ def largest_bucket_bytes(model: torch.nn.Module, dtype: torch.dtype, bucket_byte
     cut them), without touching any data: what a transport must have room for, times its buckets in flight."""
     size = count = largest = 0
     for key, value in model.state_dict().items():
-        if tied_head and hf_key(key) == "lm_head.weight":
+        name = hf_key(key)
+        if ".lora_A." in name or ".lora_B." in name:
+            continue   # merged into their base weight, which is sent
+        name = name.removeprefix(LORA_PREFIX).replace(".base_layer.", ".")
+        if tied_head and name == "lm_head.weight":
             continue
         n = value.numel() * (torch.empty((), dtype=dtype).element_size() if value.is_floating_point()
                              else value.element_size())

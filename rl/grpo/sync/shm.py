@@ -11,7 +11,8 @@ and writers, several writers (sync.shards=local), checksums of what arrived, swe
 
 What changes against the file transport, per bucket: the writer copies each tensor into its mapped slot (one
 memcpy; after the first sync the slot's pages exist, so no page faults and no tmpfs allocation), and the reader
-copies each tensor out of its own mapping of the same pages (no deserialisation). The reader copies instead of
+copies each tensor out of its own mapping of the same pages (no deserialisation; the pieces of several writers
+are copied once, by concatenating them). The reader copies instead of
 handing the engine views of the slot because vLLM's layer-wise reload keeps loaded tensors until every tensor of
 their layer has arrived: a view could be overwritten by bucket k + max_inflight before its layer is processed.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 from pathlib import Path
 
@@ -58,32 +60,34 @@ class ShmTransport(FileTransport):
         super().__init__(*args, **kwargs)
         self._maps: dict[Path, tuple[int, int, torch.Tensor]] = {}   # slot -> (inode, bytes, its mapping)
         self._writing = 0   # the bucket being written (named by a full sync.dir's error)
+        self._owner: dict | None = None   # reader: the writer process its mappings are of
 
     def _map(self, path: Path, size: int, inode: int | None = None) -> torch.Tensor:
         """This process's mapping of slot `path`, at least `size` bytes. Writer (inode None): the file is created
-        or grown first. Reader: mapped again when the writer's file is another (inode) or larger."""
+        or grown first. Reader: mapped again when the writer's file is another (inode) or larger; the file is
+        opened once and checked and mapped through that descriptor (never created by a reader)."""
         have = self._maps.get(path)
         if have is not None and have[1] >= size and (inode is None or have[0] == inode):
             return have[2]
-        if inode is None:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                if os.fstat(fd).st_size < size:   # allocated now: a full tmpfs fails here, not as a SIGBUS later
-                    os.posix_fallocate(fd, 0, size)
-            except OSError as e:
-                if e.errno != errno.ENOSPC:
-                    raise
-                raise no_room(self.root, self._writing, size) from e
-            finally:
-                os.close(fd)
         try:
-            st = os.stat(path)
+            fd = os.open(path, os.O_RDWR | (os.O_CREAT if inode is None else 0), 0o600)
         except FileNotFoundError as e:
             raise SyncError(f"weight sync: shared-memory slot {path} is gone (the writer closed the run's "
                             "directory)") from e
-        if inode is not None and st.st_ino != inode:
-            raise SyncError(f"weight sync: shared-memory slot {path} was replaced while a bucket in it was read")
-        mem = torch.from_file(str(path), shared=True, size=st.st_size, dtype=torch.uint8)
+        try:
+            if inode is None and os.fstat(fd).st_size < size:   # allocated now: a full tmpfs fails here, not as
+                try:                                             # a SIGBUS when the mapped pages are written
+                    os.posix_fallocate(fd, 0, size)
+                except OSError as e:
+                    if e.errno != errno.ENOSPC:
+                        raise
+                    raise no_room(self.root, self._writing, size) from e
+            st = os.fstat(fd)
+            if inode is not None and st.st_ino != inode:
+                raise SyncError(f"weight sync: shared-memory slot {path} was replaced while a bucket in it was read")
+            mem = torch.frombuffer(mmap.mmap(fd, st.st_size), dtype=torch.uint8)   # MAP_SHARED, read-write
+        finally:
+            os.close(fd)
         self._maps[path] = (st.st_ino, st.st_size, mem)
         return mem
 
@@ -91,6 +95,7 @@ class ShmTransport(FileTransport):
     def _write(self, path: Path, k: int, writer: int, bucket: dict[str, torch.Tensor]) -> None:
         slot = self.dir / f"slot-w{writer}-{k % self.max_inflight}.bin"
         entries, size = _layout(bucket)
+        size = max(size, ALIGN)   # an empty bucket (a rank without pieces in it) still maps a non-empty slot
         self._writing = k
         mem = self._map(slot, size)
         for entry, t in zip(entries, bucket.values()):
@@ -105,6 +110,21 @@ class ShmTransport(FileTransport):
         super().close()
 
     # ------------------------------------------------------------------------------------------ reader
+    def receive(self, version: int, reader: int):
+        """FileTransport's reader; a reader kept between syncs drops its mappings when another writer process
+        owns the directory (a restarted trainer group recreated the slots: the old pages are freed, not held)."""
+        try:
+            owner = json.loads((self.dir / "owner.json").read_text())
+        except (OSError, ValueError):
+            owner = None
+        if owner != self._owner:
+            self._maps.clear()
+            self._owner = owner
+        yield from super().receive(version, reader)
+
+    def _own(self, t: torch.Tensor) -> torch.Tensor:
+        return t.clone()   # out of the slot, which the writer reuses two buckets later
+
     def _open_bucket(self, path: Path) -> "_SlotBucket":
         index = json.loads(path.read_text())
         mem = self._map(self.dir / index["slot"], index["size"], inode=index["inode"])
@@ -121,6 +141,7 @@ class _SlotBucket:
         return list(self.entries)
 
     def get_tensor(self, name: str) -> torch.Tensor:
+        """A view into the slot: the transport copies it out (`ShmTransport._own`, or concatenating pieces)."""
         e = self.entries[name]
         raw = self.mem[e["offset"]:e["offset"] + e["nbytes"]]
-        return raw.view(getattr(torch, e["dtype"])).reshape(e["shape"]).clone()
+        return raw.view(getattr(torch, e["dtype"])).reshape(e["shape"])

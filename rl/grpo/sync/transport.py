@@ -75,8 +75,8 @@ def no_room(root: Path, k: int, nbytes: int, at_start: int = 0) -> SyncError:
             else f"bucket {k} ({nbytes / 2**20:.0f} MB")
     return SyncError(f"weight sync: sync.dir={root} has no room for {what}; {free}). "
                      "Give it more (docker run --shm-size=8g, or a larger tmpfs), point sync.dir at a larger RAM "
-                     "disk or a local disk, or lower sync.bucket_mb (a sync holds about 2 buckets per writing "
-                     "trainer rank)")
+                     "disk or a local disk, or lower sync.bucket_mb (a sync holds 2 buckets at a time, all writing "
+                     "trainer ranks' pieces together)")
 
 
 def sweep_stale(root: str | Path) -> list[str]:
@@ -220,7 +220,8 @@ class FileTransport:
         k = 0
         end = self.dir / f"v{version:06d}.end"
         self.piece_sums = {}
-        try:   # the writer this transfer started with (see _check_writer)
+        self._owner_seen = {}   # the writer this transfer started with (see _check_writer)
+        try:
             self._owner_seen[version] = json.loads((self.dir / "owner.json").read_text())
         except (OSError, ValueError):
             pass
@@ -246,13 +247,18 @@ class FileTransport:
                 pieces = [f.get_tensor(name) for f, h in zip(files, held) if name in h]
                 if self.collect_sums:
                     self.piece_sums[name] = sum(tensor_sum(p) for p in pieces)
-                yield name, pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
+                yield name, self._own(pieces[0]) if len(pieces) == 1 else torch.cat(pieces, 0)
             del files
             paths[0].with_name(paths[0].name + f".r{reader}").touch()
             k += 1
 
+    def _own(self, t: torch.Tensor) -> torch.Tensor:
+        """A piece from `_open_bucket` as a tensor the reader may hand on (pieces of several writers are
+        concatenated, which copies them anyway)."""
+        return t
+
     def _open_bucket(self, path: Path):
-        """A bucket's tensors: `keys()` in the writer's order, `get_tensor(name)` a tensor the reader owns."""
+        """A bucket's tensors: `keys()` in the writer's order, `get_tensor(name)` each tensor (or its piece)."""
         from safetensors import safe_open
 
         return safe_open(str(path), framework="pt")
