@@ -117,22 +117,18 @@ def tensor_sums(bucket: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def largest_bucket_bytes(model: torch.nn.Module, dtype: torch.dtype, bucket_bytes: int, *, tied_head: bool = False
                          ) -> int:
-    """The largest bucket a sync of `model` in `dtype` makes (full tensors, cut as `buckets` and `local_buckets`
-    cut them), without touching any data: what a transport must have room for, times its buckets in flight."""
-    size = count = largest = 0
-    for key, value in model.state_dict().items():
-        name = hf_key(key)
-        if ".lora_A." in name or ".lora_B." in name:
-            continue   # merged into their base weight, which is sent
-        name = name.removeprefix(LORA_PREFIX).replace(".base_layer.", ".")
-        if tied_head and name == "lm_head.weight":
-            continue
-        n = value.numel() * (torch.empty((), dtype=dtype).element_size() if value.is_floating_point()
-                             else value.element_size())
-        if count and size + n > bucket_bytes:
-            size = count = 0
-        size += n
-        count += 1
-        largest = max(largest, size)
-    return largest
+    """The largest bucket a sync of `model` in `dtype` makes (full tensors, cut by `buckets`, which
+    `local_buckets` matches), without touching any data (meta tensors of the full shapes): what a transport must
+    have room for, times its buckets in flight."""
+    def shapes() -> Iterator[tuple[str, torch.Tensor]]:
+        for key, value in model.state_dict().items():
+            name = hf_key(key)
+            if ".lora_A." in name or ".lora_B." in name:
+                continue   # merged into their base weight, which is sent
+            name = name.removeprefix(LORA_PREFIX).replace(".base_layer.", ".")
+            if not (tied_head and name == "lm_head.weight"):
+                yield name, torch.empty(value.shape, dtype=dtype if value.is_floating_point() else value.dtype,
+                                        device="meta")
 
+    return max((sum(t.numel() * t.element_size() for t in b.values()) for b in buckets(shapes(), bucket_bytes)),
+               default=0)

@@ -59,7 +59,6 @@ class ShmTransport(FileTransport):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._maps: dict[Path, tuple[int, int, torch.Tensor]] = {}   # slot -> (inode, bytes, its mapping)
-        self._writing = 0   # the bucket being written (named by a full sync.dir's error)
         self._owner: dict | None = None   # reader: the writer process its mappings are of
 
     def _map(self, path: Path, size: int, inode: int | None = None) -> torch.Tensor:
@@ -75,13 +74,8 @@ class ShmTransport(FileTransport):
             raise SyncError(f"weight sync: shared-memory slot {path} is gone (the writer closed the run's "
                             "directory)") from e
         try:
-            if inode is None and os.fstat(fd).st_size < size:   # allocated now: a full tmpfs fails here, not as
-                try:                                             # a SIGBUS when the mapped pages are written
-                    os.posix_fallocate(fd, 0, size)
-                except OSError as e:
-                    if e.errno != errno.ENOSPC:
-                        raise
-                    raise no_room(self.root, self._writing, size) from e
+            if inode is None and os.fstat(fd).st_size < size:   # allocated now: a full tmpfs fails here (ENOSPC),
+                os.posix_fallocate(fd, 0, size)                  # not as a SIGBUS when the mapped pages are written
             st = os.fstat(fd)
             if inode is not None and st.st_ino != inode:
                 raise SyncError(f"weight sync: shared-memory slot {path} was replaced while a bucket in it was read")
@@ -96,8 +90,12 @@ class ShmTransport(FileTransport):
         slot = self.dir / f"slot-w{writer}-{k % self.max_inflight}.bin"
         entries, size = _layout(bucket)
         size = max(size, ALIGN)   # an empty bucket (a rank without pieces in it) still maps a non-empty slot
-        self._writing = k
-        mem = self._map(slot, size)
+        try:
+            mem = self._map(slot, size)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise no_room(self.root, k, size) from e
         for entry, t in zip(entries, bucket.values()):
             mem[entry["offset"]:entry["offset"] + entry["nbytes"]].copy_(_as_bytes(t))
         inode, nbytes, _ = self._maps[slot]
@@ -110,17 +108,12 @@ class ShmTransport(FileTransport):
         super().close()
 
     # ------------------------------------------------------------------------------------------ reader
-    def receive(self, version: int, reader: int):
-        """FileTransport's reader; a reader kept between syncs drops its mappings when another writer process
-        owns the directory (a restarted trainer group recreated the slots: the old pages are freed, not held)."""
-        try:
-            owner = json.loads((self.dir / "owner.json").read_text())
-        except (OSError, ValueError):
-            owner = None
+    def _begin_receive(self, owner: dict | None) -> None:
+        """A reader kept between syncs drops its mappings when another writer process owns the directory (a
+        restarted trainer group recreated the slots: the old pages are freed, not held)."""
         if owner != self._owner:
             self._maps.clear()
             self._owner = owner
-        yield from super().receive(version, reader)
 
     def _own(self, t: torch.Tensor) -> torch.Tensor:
         return t.clone()   # out of the slot, which the writer reuses two buckets later

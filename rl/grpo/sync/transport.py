@@ -220,11 +220,12 @@ class FileTransport:
         k = 0
         end = self.dir / f"v{version:06d}.end"
         self.piece_sums = {}
-        self._owner_seen = {}   # the writer this transfer started with (see _check_writer)
-        try:
-            self._owner_seen[version] = json.loads((self.dir / "owner.json").read_text())
+        try:   # the writer this transfer started with (see _check_writer)
+            owner = json.loads((self.dir / "owner.json").read_text())
         except (OSError, ValueError):
-            pass
+            owner = None
+        self._owner_seen = {version: owner} if owner is not None else {}
+        self._begin_receive(owner)
         while True:
             paths = [self._bucket(version, k, w) for w in range(self.writers)]
             deadline = time.monotonic() + self.timeout_s
@@ -251,6 +252,9 @@ class FileTransport:
             del files
             paths[0].with_name(paths[0].name + f".r{reader}").touch()
             k += 1
+
+    def _begin_receive(self, owner: dict | None) -> None:
+        """A reader's transfer starts; `owner`: owner.json's writer process (None when unreadable)."""
 
     def _own(self, t: torch.Tensor) -> torch.Tensor:
         """A piece from `_open_bucket` as a tensor the reader may hand on (pieces of several writers are
