@@ -102,7 +102,37 @@ def test_the_engine_counts_token_ranks_eagerly_and_exactly(vllm_engine):
     x = torch.randint(-5, 5, (7, 50), generator=g).float()      # many ties
     v = x[:, 3:4].clone()
     slow = torch.tensor([sum(float(a) >= float(b) for a in row) for row, b in zip(x, v[:, 0])])
-    assert torch.equal(_count_at_least(x, v), slow)
+    assert torch.equal(_count_at_least(x, v), slow) and _count_at_least(x, v).dtype == torch.int64
+
+
+def test_the_engine_draws_from_its_distribution_by_inverse_cdf(vllm_engine, tiny):
+    """rl.rollout.cpu_sampler and rl.rollout.engine_heap run in the engine's worker process: its sampler draws by
+    inverse CDF and the heap thresholds are set. 4,000 one-token samples of one prompt at T=0.7 and top-k 20
+    follow transformers' distribution (softmax of logits / T over the top 20): every token within 5 sigma, none
+    outside the top k."""
+    import os
+
+    assert vllm_engine.collective_rpc("r1lab_sampler_is_inverse_cdf") == [True]
+    if "threshold" not in os.environ.get("GLIBC_TUNABLES", ""):
+        assert vllm_engine.collective_rpc("r1lab_keep_step_buffers") == ["applied"]
+    path = build_tiny_model(TinyModelSpec(arch="qwen2", initializer_range=0.3), tiny.tokenizer)
+    reload_weights(vllm_engine, str(path))
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok(build_prompt("What is 2+2?", tok), add_special_tokens=False).input_ids
+    n = 4000
+    out = generate(vllm_engine, [ids], sampling_params(n=n, temperature=0.7, top_k=20, max_tokens=1))
+    drawn = torch.tensor([s.token_ids[0] for s in out[0]])
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1].double() / 0.7
+    top = logits.topk(20).indices
+    want = torch.zeros_like(logits)
+    want[top] = logits[top].softmax(-1)
+    freq = torch.bincount(drawn, minlength=len(logits)).double() / n
+    assert freq[want == 0].sum() == 0
+    sigma = (want * (1 - want) / n).sqrt()
+    assert bool(((freq - want).abs() <= 5 * sigma + 1e-9).all()), (freq[top], want[top])
+    assert (want[top] > 0.02).sum() >= 3, "a near-deterministic distribution would make the check weak"
 
 
 def test_cpu_kv_cache_is_what_the_sequences_need():

