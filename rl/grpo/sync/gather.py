@@ -26,19 +26,25 @@ def _full(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def sync_name(key: str) -> str | None:
+    """The HF name a wrapper state-dict key is sent under (PEFT's prefix and `.base_layer` dropped); None for a
+    LoRA adapter, which is merged into its base weight instead."""
+    name = hf_key(key)
+    if ".lora_A." in name or ".lora_B." in name:
+        return None
+    return name.removeprefix(LORA_PREFIX).replace(".base_layer.", ".")
+
+
 def iter_full_tensors(model: torch.nn.Module, dtype: torch.dtype | None, *, lora_scaling: float | None = None,
                       tied_head: bool = False, device: str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full tensor on `device`) for every tensor of the wrapped model's state dict. Collective."""
     state = model.state_dict()
     for key, value in state.items():
-        name = hf_key(key)
-        if ".lora_A." in name or ".lora_B." in name:
+        name = sync_name(key)
+        if name is None:
             continue  # merged into their base weight below
-        if name.startswith(LORA_PREFIX):
-            name = name[len(LORA_PREFIX):]
-        if ".base_layer." in name:
+        if ".base_layer." in key:
             module = key.rsplit(".base_layer.", 1)[0]
-            name = name.replace(".base_layer.", ".")
             a, b = state.get(f"{module}.lora_A.default.weight"), state.get(f"{module}.lora_B.default.weight")
             if a is not None and b is not None and key.endswith(".base_layer.weight") and lora_scaling:
                 w = _full(value, torch.float32) + lora_scaling * (_full(b, torch.float32) @ _full(a, torch.float32))
@@ -122,11 +128,8 @@ def largest_bucket_bytes(model: torch.nn.Module, dtype: torch.dtype, bucket_byte
     have room for, times its buckets in flight."""
     def shapes() -> Iterator[tuple[str, torch.Tensor]]:
         for key, value in model.state_dict().items():
-            name = hf_key(key)
-            if ".lora_A." in name or ".lora_B." in name:
-                continue   # merged into their base weight, which is sent
-            name = name.removeprefix(LORA_PREFIX).replace(".base_layer.", ".")
-            if not (tied_head and name == "lm_head.weight"):
+            name = sync_name(key)   # None: a LoRA adapter, merged into its base weight, which is sent
+            if name is not None and not (tied_head and name == "lm_head.weight"):
                 yield name, torch.empty(value.shape, dtype=dtype if value.is_floating_point() else value.dtype,
                                         device="meta")
 
