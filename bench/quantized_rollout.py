@@ -3,7 +3,9 @@
 Part 1, `engine` (Qwen2.5-0.5B's shape, random init, bf16 on disk): one vLLM CPU engine per precision (bf16; int8
 decoder layers with the LM head in bf16; int8 with the LM head int8 too, `rollout.int8_lm_head`), each in its own
 process, the same 8 prompts x 8 samples x 64 new tokens (min_tokens = max_tokens, so every run decodes the same
-number of tokens), T=1. Per precision: generation tokens/s (best of 3 timed runs after a warm-up), the in-place
+number of tokens), T=1. The three engines are loaded at once and take turns generating, in --rounds rounds
+(the order rotating; this shared machine drifts by 10-20% over minutes, so timing each precision minutes apart
+measured the drift as much as the precision). Per precision: generation tokens/s (the median round), the in-place
 reload of the whole model from its bf16 files (int8: re-quantized in the engine, what every weight sync does),
 and the mean |log-prob difference| of the sampled tokens against transformers in fp32 (the trainer's reference
 numerics). Also: how long quantizing every linear weight takes and how many bytes an int8 sync would move, the
@@ -20,7 +22,7 @@ and `gen_speedup` is int8 + int8 head over bf16 (without it: int8 with a bf16 he
 prints all three rows either way).
 
   .venv/bin/python bench/quantized_rollout.py [--part engine|learn|all] [--corrections token_tis,icepop]
-                                              [--int8-lm-head]
+                                              [--int8-lm-head] [--rounds 6]
 Last line: `gen_speedup=X parity=Y` (goals X >= 1.3, Y >= -0.03).
 """
 from __future__ import annotations
@@ -28,9 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
+import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,32 +40,38 @@ sys.path.insert(0, str(ROOT))
 SHAPE = "tiny:qwen2:shape=qwen2.5-0.5b"
 
 
-def engine_side(mode: str, prompts: int, n: int, new_tokens: int) -> dict:
-    """One precision's engine numbers (runs in its own process: one engine per process)."""
-    import torch
-    from vllm import SamplingParams
-
+def _load_engine(mode: str):
     from rl.model_path import resolve_model_path
-    from rl.rollout import vllm_engine as ve
     from rl.rollout.vllm_engine import make_llm
 
     src = resolve_model_path(SHAPE)
-    t0 = time.perf_counter()
     quant, head = ("int8", True) if mode == "int8_head" else (mode, False)
-    llm = make_llm(src, dtype="bfloat16", in_process=True, enforce_eager=False, kv_cache_gb=1, quantization=quant,
-                   int8_lm_head=head)
+    return src, make_llm(src, dtype="bfloat16", in_process=True, enforce_eager=False, kv_cache_gb=1,
+                         quantization=quant, int8_lm_head=head)
+
+
+def serve_engine(mode: str, prompts: int, n: int, new_tokens: int, conn) -> None:
+    """One precision's engine in its own process (one engine per process), driven over `conn` by
+    `interleaved_rounds`: "gen" -> one timed generation of the bench's batch; "finish" -> the reloads, the
+    log-prob difference, then exit."""
+    import torch
+    from vllm import SamplingParams
+
+    from rl.rollout import vllm_engine as ve
+
+    t0 = time.perf_counter()
+    src, llm = _load_engine(mode)
     start_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(0)
     ids = [torch.randint(100, 5000, (48,), generator=g).tolist() for _ in range(prompts)]
     sp = SamplingParams(temperature=1.0, max_tokens=new_tokens, min_tokens=new_tokens, logprobs=0, n=n, seed=None)
     ve.generate(llm, ids, sp)                                   # warm-up (compile, first-call allocations)
-    times, gauges, samples = [], [], None
-    for _ in range(3):
-        gauges.append(gemm_gauge())
+    conn.send({"ready": True})
+    samples = None
+    while conn.recv() == "gen":
         t = time.perf_counter()
         samples = ve.generate(llm, ids, sp)
-        times.append(time.perf_counter() - t)
-    tokens = sum(len(s.token_ids) for g_ in samples for s in g_)
+        conn.send({"gen_s": time.perf_counter() - t, "tokens": sum(len(s.token_ids) for g_ in samples for s in g_)})
     reload_s = {}
     for checked in (False, True):   # a plain sync step, and a checksum step (+ the quantizer's round-trip check)
         t = time.perf_counter()
@@ -72,26 +79,62 @@ def engine_side(mode: str, prompts: int, n: int, new_tokens: int) -> dict:
         reload_s[checked] = time.perf_counter() - t
     after = ve.generate(llm, ids[:2], SamplingParams(temperature=0.0, max_tokens=8, logprobs=0))
     ve.shutdown(llm)
-    return {"mode": mode, "start_s": start_s, "gen_s": min(times), "tokens": tokens,
-            "gauge_gflops": sorted(gauges)[1],
-            "tokens_per_s": tokens / min(times), "reload_s": reload_s[False],
-            "reload_checked_s": reload_s[True], "greedy_after_reload": [
-                s.token_ids for g_ in after for s in g_],
-            "logprob_diff": logprob_diff(src, ids, samples)}
+    conn.send({"mode": mode, "start_s": start_s, "reload_s": reload_s[False], "reload_checked_s": reload_s[True],
+               "greedy_after_reload": [s.token_ids for g_ in after for s in g_],
+               "logprob_diff": logprob_diff(src, ids, samples)})
 
 
-def gemm_gauge(seconds: float = 0.3) -> float:
-    """GFLOP/s of a bf16 [64 x 896] x [896 x 4864] product (a decode step's MLP GEMM at this shape) in this process,
-    taken before each timed generation: this shared 2-core machine drifts by 10-20% between the minutes apart
-    that each engine's process runs, so the speedup is also reported with each side divided by its gauge."""
-    import torch
+def interleaved_rounds(a, modes: list[str]) -> dict:
+    """Time each precision's generation in rounds, the engines taking turns (the order rotating every round), so
+    that this shared 2-core machine's drift (10-20% over minutes) falls on every precision alike. Each engine runs
+    in its own process, started one after another and all loaded before the first timed round. Returns per mode
+    its per-round generation seconds, tokens, and the finishing numbers (`serve_engine`)."""
+    import multiprocessing as mp
 
-    a, b = torch.randn(64, 896).bfloat16(), torch.randn(896, 4864).bfloat16()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        n += 1
-    return 2 * 64 * 896 * 4864 * n / (time.perf_counter() - t0) / 1e9
+    ctx = mp.get_context("spawn")
+    procs, conns = {}, {}
+    try:
+        for mode in modes:                  # one at a time: start-up compiles on both cores
+            parent, child = ctx.Pipe()
+            procs[mode] = ctx.Process(target=serve_engine, args=(mode, a.prompts, a.n, a.new_tokens, child))
+            procs[mode].start()
+            child.close()                   # a dead engine process then reads as EOF here
+            conns[mode] = parent
+            _recv(conns[mode], procs[mode], mode)
+        rows = {m: {"gen_s_rounds": []} for m in modes}
+        for r in range(a.rounds):
+            for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
+                time.sleep(0.5)             # the previous engine's threads are idle (OpenMP spin-waits end)
+                conns[mode].send("gen")
+                out = _recv(conns[mode], procs[mode], mode)
+                rows[mode]["gen_s_rounds"].append(out["gen_s"])
+                rows[mode]["tokens"] = out["tokens"]
+            print(f"round {r + 1}: " + "  ".join(f"{m} {rows[m]['gen_s_rounds'][-1]:.2f}s" for m in modes), flush=True)
+        for mode in modes:                  # one at a time: each loads a transformers fp32 model for |dlogp|
+            conns[mode].send("finish")
+            rows[mode].update(_recv(conns[mode], procs[mode], mode))
+            procs[mode].join(timeout=120)
+        return rows
+    finally:
+        for p in procs.values():
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=10)
+
+
+def _recv(conn, proc, mode: str, timeout: float = 900.0) -> dict:
+    """The engine process's next message; an error naming the mode when it died or went silent."""
+    deadline = time.monotonic() + timeout
+    while not conn.poll(1.0):
+        if not proc.is_alive():
+            raise RuntimeError(f"the {mode} engine process exited (code {proc.exitcode}) before answering")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the {mode} engine process did not answer within {timeout:.0f} s")
+    try:
+        return conn.recv()
+    except EOFError:
+        proc.join(timeout=10)
+        raise RuntimeError(f"the {mode} engine process exited (code {proc.exitcode}) before answering") from None
 
 
 def logprob_diff(src: str, prompts: list[list[int]], samples) -> float:
@@ -143,26 +186,30 @@ def int8_tag(a) -> str:
 
 
 def run_engine_part(a) -> dict:
-    rows = {}
-    for mode in ENGINE_MODES:
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            subprocess.run([sys.executable, __file__, "--side", mode, "--out", f.name, "--prompts", str(a.prompts),
-                            "--new-tokens", str(a.new_tokens), "--n", str(a.n)], check=True, cwd=ROOT)
-            rows[mode] = json.loads(Path(f.name).read_text())
+    rows = interleaved_rounds(a, list(ENGINE_MODES))
+    for r in rows.values():
+        r["gen_s"] = statistics.median(r["gen_s_rounds"])
+        r["tokens_per_s"] = r["tokens"] / r["gen_s"]
     rows["quantize"] = quantize_cost()
-    print(f"\nengine at Qwen2.5-0.5B's shape, {a.prompts} prompts x {a.n} samples x {a.new_tokens} tokens, T=1, one vLLM CPU engine")
+    print(f"\nengine at Qwen2.5-0.5B's shape, {a.prompts} prompts x {a.n} samples x {a.new_tokens} tokens, T=1, one vLLM "
+          f"CPU engine per precision; {a.rounds} rounds, the engines taking turns; tokens/s at the median round")
     print(f"{'rollout':<10} {'tokens/s':>9} {'gen s':>7} {'reload s':>9} {'(checked)':>10} {'|dlogp| vs fp32':>16} "
-          f"{'start s':>8} {'gauge GFLOP/s':>14}")
+          f"{'start s':>8}  gen s per round")
     for mode, name in ENGINE_MODES.items():
         r = rows[mode]
         print(f"{name:<10} {r['tokens_per_s']:>9.1f} {r['gen_s']:>7.2f} {r['reload_s']:>9.2f} "
-              f"{r['reload_checked_s']:>10.2f} {r['logprob_diff']:>16.4f} {r['start_s']:>8.1f} "
-              f"{r['gauge_gflops']:>14.0f}")
+              f"{r['reload_checked_s']:>10.2f} {r['logprob_diff']:>16.4f} {r['start_s']:>8.1f}  "
+              + " ".join(f"{x:.2f}" for x in r["gen_s_rounds"]))
     q = rows["quantize"]
     print(f"quantizing every linear weight: {q['quantize_s']:.2f}s ({q['quantize_checked_s']:.2f}s with the "
           f"round-trip check); a sync moves {q['bf16_mb']:.0f} MB as bf16, "
           f"{q['int8_mb']:.0f} MB as int8 + scales")
     return rows
+
+
+def round_speedups(rows: dict, mode: str) -> list[float]:
+    """bf16's generation seconds over `mode`'s, round by round (both timed within the same round)."""
+    return [b / q for b, q in zip(rows["none"]["gen_s_rounds"], rows[mode]["gen_s_rounds"])]
 
 
 def run_learn_part(a) -> dict:
@@ -226,21 +273,21 @@ def main() -> None:
     ap.add_argument("--int8-lm-head", action="store_true",
                     help="the int8 setting reported (learn runs, gen_speedup): with the LM head int8 too")
     ap.add_argument("--out-dir", default="runs/bench_quantized", help="the learn part's runs (reused when present)")
-    ap.add_argument("--side", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=6,
+                    help="timed generations per precision, the engines taking turns (a multiple of 3 balances the order)")
     a = ap.parse_args()
+    if a.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {a.rounds}")
     os.environ.setdefault("R1LAB_CACHE_DIR", str(ROOT / ".cache" / "r1lab"))
     os.chdir(ROOT)
-    if a.side:
-        Path(a.out).write_text(json.dumps(engine_side(a.side, a.prompts, a.n, a.new_tokens)))
-        return
     speedup = parity = float("nan")
     if a.part in ("engine", "all"):
         e = run_engine_part(a)
-        q, f = e["int8_head" if a.int8_lm_head else "int8"], e["none"]
-        speedup = q["tokens_per_s"] / f["tokens_per_s"]
-        print(f"gen_speedup per gauge (each side's tokens/s over its process's GEMM gauge): "
-              f"{speedup * f['gauge_gflops'] / q['gauge_gflops']:.2f}")
+        for mode in ("int8", "int8_head"):
+            ratios = round_speedups(e, mode)
+            print(f"{ENGINE_MODES[mode]} over bf16 per round: " + " ".join(f"{x:.2f}" for x in ratios)
+                  + f" (median {statistics.median(ratios):.2f})")
+        speedup = statistics.median(round_speedups(e, "int8_head" if a.int8_lm_head else "int8"))
     if a.part in ("learn", "all"):
         rows = run_learn_part(a)
         tag = int8_tag(a)

@@ -113,6 +113,53 @@ def test_vllms_sampler_with_the_inverse_cdf():
         cpu_sampler._VLLM_FORWARD_CPU = saved
 
 
+def test_temperature_of_one_skips_the_division():
+    """The swapped `Sampler.apply_temperature`: rows all at T=1 (greedy rows counting as 1, as vLLM makes them)
+    come back untouched and undivided; any other temperature goes to vLLM's division, in place."""
+    from vllm.v1.sample.sampler import Sampler
+
+    from rl.rollout import cpu_sampler
+
+    assert cpu_sampler.install() and cpu_sampler.installed() == {"inverse_cdf": True, "temperature": True}
+    calls = []
+    saved = cpu_sampler._VLLM_APPLY_TEMPERATURE
+    cpu_sampler._VLLM_APPLY_TEMPERATURE = lambda *a: calls.append(a) or saved(*a)
+    try:
+        x = torch.randn(3, 10)
+        ref = x.clone()
+        assert Sampler.apply_temperature(x, torch.ones(3), True) is x and torch.equal(x, ref) and not calls
+        assert Sampler.apply_temperature(x, torch.tensor([1.0, 0.0, 1.0]), False) is x and not calls
+        out = Sampler.apply_temperature(x, torch.tensor([1.0, 0.5, 1.0]), True)
+        assert len(calls) == 1 and torch.equal(out, ref / torch.tensor([[1.0], [0.5], [1.0]]))
+        y = ref.clone()
+        Sampler.apply_temperature(y, torch.tensor([0.0, 2.0, 1.0]), False)    # greedy row divided by 1
+        assert len(calls) == 2 and torch.equal(y, ref / torch.tensor([[1.0], [2.0], [1.0]]))
+    finally:
+        cpu_sampler._VLLM_APPLY_TEMPERATURE = saved
+
+
+@pytest.mark.parametrize("rows,v", [(1, 7), (5, 100), (64, 151_936), (17, 32_001)])
+def test_rank_count_by_int8_gemm_is_exact(rows, v, monkeypatch):
+    """vllm_cpu_fixes fix 4: the mask summed by an int8 GEMM (which is what runs) equals the plain count, ties and
+    -inf included, for row counts and vocabularies that are and are not multiples of the GEMM's blocks, and for a
+    transposed layout (a non-contiguous mask)."""
+    from rl.rollout import vllm_cpu_fixes
+
+    calls = []
+    int_mm = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda *a: calls.append(1) or int_mm(*a))
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randint(-4, 4, (rows, v), generator=g).float()
+    x[:, ::5] = -math.inf
+    values = x[torch.arange(rows), torch.randint(0, v, (rows,), generator=g)][:, None]
+    got = vllm_cpu_fixes._count_at_least(x, values)
+    assert got.dtype == torch.int64 and torch.equal(got, (x >= values).sum(-1)) and len(calls) == 1
+    xt = x.t().contiguous().t()                     # same values, column-major
+    assert rows == 1 or not (xt >= values).is_contiguous()
+    assert torch.equal(vllm_cpu_fixes._count_at_least(xt, values), (x >= values).sum(-1)) and len(calls) == 2
+    assert v not in vllm_cpu_fixes._INT_MM_REFUSED
+
+
 def test_heap_threshold_and_its_skips():
     """rl.rollout.engine_heap: the threshold is twice the fp32 logits of max_num_seqs rows (>= 64 MiB); the
     user's own thresholds in GLIBC_TUNABLES are left alone."""

@@ -113,6 +113,7 @@ def test_the_engine_draws_from_its_distribution_by_inverse_cdf(vllm_engine, tiny
     follow transformers' distribution (softmax of logits / T over the top 20): every token within 5 sigma, none
     outside the top k."""
     assert vllm_engine.collective_rpc("r1lab_sampler_is_inverse_cdf") == [True]
+    assert vllm_engine.collective_rpc("r1lab_temperature_one_skipped") == [True]
     heap = vllm_engine.collective_rpc("r1lab_keep_step_buffers")[0]
     assert heap == "applied" or "threshold" in os.environ.get("GLIBC_TUNABLES", "") or heap.startswith("skipped: lib")
     path = build_tiny_model(TinyModelSpec(arch="qwen2", initializer_range=0.3), tiny.tokenizer)

@@ -41,6 +41,10 @@ class R1WorkerExtension:
         sampler = getattr(getattr(self.model_runner, "sampler", None), "topk_topp_sampler", None)  # type: ignore[attr-defined]
         return getattr(getattr(sampler, "forward", None), "__func__", None) is cpu_sampler.forward_cpu
 
+    def r1lab_temperature_one_skipped(self) -> bool:
+        """Whether this worker's sampler skips the division by a temperature of 1.0 (rl.rollout.cpu_sampler)."""
+        return cpu_sampler.installed()["temperature"]
+
     def r1lab_keep_step_buffers(self) -> str:
         """Keep the per-step vocabulary-sized buffers in malloc's heap (rl.rollout.engine_heap), sized for this
         engine's max_num_seqs and vocabulary. Returns what happened ("applied" or "skipped: why")."""
