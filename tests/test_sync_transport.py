@@ -226,6 +226,25 @@ def test_shm_reader_follows_a_restarted_writer(tmp_path):
     new.close()
 
 
+def test_shm_writer_slots_survive_a_reader_dropping_its_mappings(tmp_path):
+    """One ShmTransport object used as writer and reader (as the recovery tests do, from two threads): the reader
+    dropping its mappings for another writer process leaves the writer's slots mapped, so a bucket written while a
+    reader starts can still be published (it raised KeyError on the slot once, in a fresh clone's run)."""
+    t = ShmTransport(str(tmp_path), "both", readers=1, timeout_s=30, max_inflight=1)
+    t.open_writer()
+    t.send(1, 0, {"w": torch.ones(4)})
+    slot = t.dir / "slot-w0-0.bin"
+    mapped = t._wmaps[slot][2]
+    t._begin_receive({"pid": -1})             # what a reader's first receive does for a writer it has not seen
+    assert t._wmaps[slot][2] is mapped and not t._maps
+    finish = threading.Thread(target=t.finish, args=(1, 1))
+    finish.start()
+    got = dict(t.receive(1, 0))
+    finish.join(timeout=30)
+    assert torch.equal(got["w"], torch.ones(4)) and not finish.is_alive()
+    t.close()
+
+
 def test_shm_published_index_names_a_replaced_slot(tmp_path):
     """A slot whose file is not the one a bucket's index names is an error naming the slot, never stale bytes."""
     writer = ShmTransport(str(tmp_path), "stale", readers=1, timeout_s=30, max_inflight=1)

@@ -31,7 +31,7 @@
    samples x 64 tokens on the tiny model: 6.8 s compiled, 2.0 s eager; later batches the same), and every GRPO
    run, evaluation and demo stage starts an engine. `eager_rank_count` swaps in the same expression run eagerly (a [tokens, vocab]
    boolean for a moment: 39 MB for 256 tokens of Qwen2.5's vocabulary), bit-identical counts, the mask summed
-   by an int8 GEMM with a column of ones (0.5 ms for [64, 151,936]; a bool sum goes through int64: 5.7 ms).
+   by an int8 GEMM with a [V, 8] matrix of ones (0.5 ms for [64, 151,936]; a bool sum goes through int64: 5.7 ms).
 
 5. In-place reload of int8 (W8A8) weights on a CPU without AMX. There vLLM's `CPUInt8ScaledMMLinearKernel` builds
    a oneDNN handle (`create_onednn_scaled_mm`) from the layer's weight and scale tensors in

@@ -58,14 +58,19 @@ class ShmTransport(FileTransport):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._maps: dict[Path, tuple[int, int, torch.Tensor]] = {}   # slot -> (inode, bytes, its mapping)
+        # slot -> (inode, bytes, its mapping): the writer's slots and the reader's mappings apart, so that a reader
+        # dropping its mappings (another writer process) never drops a writer's of the same object (tests use one
+        # object from two threads; a run has one role per process)
+        self._wmaps: dict[Path, tuple[int, int, torch.Tensor]] = {}
+        self._maps: dict[Path, tuple[int, int, torch.Tensor]] = {}
         self._owner: dict | None = None   # reader: the writer process its mappings are of
 
     def _map(self, path: Path, size: int, inode: int | None = None) -> torch.Tensor:
         """This process's mapping of slot `path`, at least `size` bytes. Writer (inode None): the file is created
         or grown first. Reader: mapped again when the writer's file is another (inode) or larger; the file is
         opened once and checked and mapped through that descriptor (never created by a reader)."""
-        have = self._maps.get(path)
+        maps = self._wmaps if inode is None else self._maps
+        have = maps.get(path)
         if have is not None and have[1] >= size and (inode is None or have[0] == inode):
             return have[2]
         try:
@@ -82,7 +87,7 @@ class ShmTransport(FileTransport):
             mem = torch.frombuffer(mmap.mmap(fd, st.st_size), dtype=torch.uint8)   # MAP_SHARED, read-write
         finally:
             os.close(fd)
-        self._maps[path] = (st.st_ino, st.st_size, mem)
+        maps[path] = (st.st_ino, st.st_size, mem)
         return mem
 
     # ------------------------------------------------------------------------------------------ writer
@@ -98,12 +103,13 @@ class ShmTransport(FileTransport):
             raise no_room(self.root, k, size) from e
         for entry, t in zip(entries, bucket.values()):
             mem[entry["offset"]:entry["offset"] + entry["nbytes"]].copy_(_as_bytes(t))
-        inode, nbytes, _ = self._maps[slot]
+        inode, nbytes, _ = self._wmaps[slot]
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"slot": slot.name, "inode": inode, "size": nbytes, "tensors": entries}))
         os.replace(tmp, path)   # publishes the bucket: its bytes are in the slot already
 
     def close(self) -> None:
+        self._wmaps.clear()
         self._maps.clear()
         super().close()
 
