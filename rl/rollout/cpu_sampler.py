@@ -107,12 +107,29 @@ def forward_cpu(self, logits: torch.Tensor, generators: dict[int, torch.Generato
 def apply_temperature(logits: torch.Tensor, temp: torch.Tensor, all_random: bool) -> torch.Tensor:
     """`Sampler.apply_temperature` (logits [B, V] divided in place by temp [B]), returning the logits untouched
     when it would divide every row by 1.0."""
-    from vllm.v1.sample.sampler import _SAMPLING_EPS
-
-    effective = temp if all_random else torch.where(temp < _SAMPLING_EPS, 1.0, temp)
-    if temp.device.type == "cpu" and bool((effective == 1.0).all()):     # on CPU the check costs no device sync
-        return logits
+    if temp.device.type == "cpu":      # on CPU the check costs no device sync
+        effective = temp if all_random else torch.where(temp < _SAMPLING_EPS, 1.0, temp)
+        if bool((effective == 1.0).all()):
+            return logits
     return _VLLM_APPLY_TEMPERATURE(logits, temp, all_random)
+
+
+_SAMPLING_EPS = 1e-5   # vLLM's (vllm.v1.sample.sampler._SAMPLING_EPS), read at install
+
+
+def _vllm_samplers():
+    """vLLM's (TopKTopPSampler, Sampler, sampler module), or None for a vLLM without them."""
+    try:
+        from vllm.v1.sample import sampler
+        from vllm.v1.sample.ops.topk_topp_sampler import TopKTopPSampler
+    except ImportError:
+        return None
+    return TopKTopPSampler, sampler.Sampler, sampler
+
+
+def _temperature_swapped(sampler_cls) -> bool:
+    temperature = sampler_cls.__dict__.get("apply_temperature")
+    return isinstance(temperature, staticmethod) and temperature.__func__ is apply_temperature
 
 
 def install() -> bool:
@@ -120,34 +137,30 @@ def install() -> bool:
     (every `Sampler` of this process, when vLLM's `apply_temperature` is the staticmethod it is in 0.32; `installed`
     says which took). Returns True when the inverse CDF is installed (False on CUDA, or for a vLLM without
     `TopKTopPSampler.forward_cpu`)."""
-    global _VLLM_FORWARD_CPU, _VLLM_APPLY_TEMPERATURE
-    if torch.cuda.is_available():
+    global _VLLM_FORWARD_CPU, _VLLM_APPLY_TEMPERATURE, _SAMPLING_EPS
+    vllm_samplers = None if torch.cuda.is_available() else _vllm_samplers()
+    if vllm_samplers is None:
         return False
-    try:
-        from vllm.v1.sample.ops.topk_topp_sampler import TopKTopPSampler
-        from vllm.v1.sample.sampler import Sampler
-    except ImportError:
-        return False
-    current = getattr(TopKTopPSampler, "forward_cpu", None)
+    topk_topp, sampler_cls, sampler_module = vllm_samplers
+    current = getattr(topk_topp, "forward_cpu", None)
     if current is None:
         return False
     if current is not forward_cpu:
         _VLLM_FORWARD_CPU = current
-        TopKTopPSampler.forward_cpu = forward_cpu
-    temperature = Sampler.__dict__.get("apply_temperature")
-    if isinstance(temperature, staticmethod) and temperature.__func__ is not apply_temperature:
+        topk_topp.forward_cpu = forward_cpu
+    temperature = sampler_cls.__dict__.get("apply_temperature")
+    if isinstance(temperature, staticmethod) and not _temperature_swapped(sampler_cls):
+        _SAMPLING_EPS = getattr(sampler_module, "_SAMPLING_EPS", _SAMPLING_EPS)
         _VLLM_APPLY_TEMPERATURE = temperature.__func__
-        Sampler.apply_temperature = staticmethod(apply_temperature)
+        sampler_cls.apply_temperature = staticmethod(apply_temperature)
     return True
 
 
 def installed() -> dict[str, bool]:
     """What `install` swapped in this process: {"inverse_cdf": ..., "temperature": ...}."""
-    try:
-        from vllm.v1.sample.ops.topk_topp_sampler import TopKTopPSampler
-        from vllm.v1.sample.sampler import Sampler
-    except ImportError:
+    vllm_samplers = _vllm_samplers()
+    if vllm_samplers is None:
         return {"inverse_cdf": False, "temperature": False}
-    temperature = Sampler.__dict__.get("apply_temperature")
-    return {"inverse_cdf": getattr(TopKTopPSampler, "forward_cpu", None) is forward_cpu,
-            "temperature": isinstance(temperature, staticmethod) and temperature.__func__ is apply_temperature}
+    topk_topp, sampler_cls, _ = vllm_samplers
+    return {"inverse_cdf": getattr(topk_topp, "forward_cpu", None) is forward_cpu,
+            "temperature": _temperature_swapped(sampler_cls)}
