@@ -2,15 +2,20 @@
 
 The model: `tiny:qwen2:shape=qwen2.5-0.5b` (hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate 4864,
 vocab 151,936, tied embeddings; random init, bf16 on disk; the local tokenizer padded with unused tokens so
-every sampled id decodes). The run: Ray (local), one vLLM CPU rollout worker (bf16), two FSDP2 trainer ranks
-(fp32 masters, bf16 compute), 4 prompts x 4 samples x 64 new tokens. The weight sync is the run's default
+every sampled id decodes). The run: Ray (local), one vLLM CPU rollout worker (bf16), one FSDP2 trainer rank with
+a thread per core and its heap kept (fp32 masters, bf16 compute; `trainer.num_workers=1 trainer.threads=<cores>
+trainer.release_heap=false`: on one CPU node the fastest trainer measured, ~2.5x two ranks of one thread with the
+heap trimmed, for ~3 GB more memory in all; rl/grpo/heap.py), 4 prompts x 4 samples x 64 new tokens; overrides
+after the flags change any of it (the earlier configuration: `trainer.num_workers=2 trainer.threads=1
+trainer.release_heap=true`). The weight sync is the run's default
 (sync.method=auto: shared memory on one node; checksums at step 1 only) unless `--sync-method` / `--checksum-every
 1` ask otherwise (checked every step: the engine and the trainers also sum every tensor sent, ~0.1 s per GB each).
-Step 1 includes first-call warm-ups; step 2 is the steady-state number. Prints each step's time breakdown
+Step 1 includes first-call warm-ups and a kept heap grows over steps 2-3 (its page faults stop after that);
+the last step is the steady-state number. Prints each step's time breakdown
 and the peak RSS of every process (driver, trainer ranks, rollout worker with its in-process engine).
 
-  .venv/bin/python bench/bench_real_shape.py [--steps 2] [--new-tokens 64] [--sync-method auto|shm|file]
-      [--checksum-every 0]
+  .venv/bin/python bench/bench_real_shape.py [--steps 4] [--new-tokens 64] [--sync-method auto|shm|file]
+      [--checksum-every 0] [key=value ...]
 """
 from __future__ import annotations
 
@@ -26,10 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--sync-method", default="auto", choices=["auto", "shm", "file"])
     ap.add_argument("--checksum-every", type=int, default=0, help="sync.checksum_every (0: step 1 only)")
+    ap.add_argument("overrides", nargs="*", help="more config overrides, applied last (e.g. trainer.num_workers=1 "
+                                                 "trainer.threads=2 trainer.release_heap=false)")
     a = ap.parse_args()
     os.environ.setdefault("R1LAB_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "r1lab"))
     import ray
@@ -43,14 +50,16 @@ def main() -> None:
     cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", [
         "model.path=tiny:qwen2:shape=qwen2.5-0.5b", "model.dtype=bfloat16", "data.max_prompt_tokens=512",
         "rollout.batch_prompts=4", "rollout.n=4", f"rollout.max_new_tokens={a.new_tokens}", "rollout.max_model_len=1024",
-        "rollout.kv_cache_gb=1", "rollout.enforce_eager=false", "trainer.micro_batch_tokens=2048", "trainer.threads=1",
+        "rollout.kv_cache_gb=1", "rollout.enforce_eager=false", "trainer.micro_batch_tokens=2048", "trainer.num_workers=1",
+        f"trainer.threads={os.cpu_count()}", "trainer.release_heap=false",
         "trainer.lr=1e-6", f"sync.checksum_every={a.checksum_every}", f"sync.method={a.sync_method}",
         "sync.bucket_mb=256", "checkpoint.every=0", "log.progress=false",
-        f"log.output_dir={out}", "resources.ray_address=local", f"trainer.max_steps={a.steps}"])
+        f"log.output_dir={out}", "resources.ray_address=local", f"trainer.max_steps={a.steps}", *a.overrides])
     d = GRPODriver(cfg)
     d.start()
     rows = []
     try:
+        heap = ray.get(d.trainers[0].ready.remote())["heap"]
         for _ in range(a.steps):
             rows.append(d.train_step())
             d.step += 1
@@ -62,9 +71,11 @@ def main() -> None:
     keys = ["perf/step_s", "perf/rollout_s", "perf/gen_s", "perf/reward_s", "perf/logprobs_s", "perf/update_s",
             "perf/sync_s", "perf/idle_s"]
     checked = f"every {a.checksum_every} step(s)" if a.checksum_every else "at step 1"
-    print(f"Qwen2.5-0.5B shape, 2 FSDP2 ranks + 1 vLLM CPU engine, {cfg.rollout.batch_prompts}x{cfg.rollout.n} "
-          f"samples x {a.new_tokens} new tokens, bf16 compute; weight sync {d.sync_method} with {d.sync_writers} "
-          f"writer(s), checksums {checked}")
+    tc = cfg.trainer
+    print(f"Qwen2.5-0.5B shape, {tc.num_workers} FSDP2 rank(s) x {tc.threads} thread(s) (heap: {heap}) + 1 vLLM CPU "
+          f"engine, {cfg.rollout.batch_prompts}x"
+          f"{cfg.rollout.n} samples x {a.new_tokens} new tokens, bf16 compute; weight sync {d.sync_method} with "
+          f"{d.sync_writers} writer(s), checksums {checked}")
     for i, r in enumerate(rows, 1):
         print(f"step {i}: " + ", ".join(f"{k.split('/')[1]} {r[k]:.1f}s" for k in keys) +
               f"; sync {r['sync/mb']:.0f} MB in {int(r['sync/buckets'])} buckets (gather {r['perf/sync_gather_s']:.1f}s,"

@@ -158,15 +158,25 @@ def _fresh_state(path):
     return {"lm." + k: v for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
 
 
-def test_release_heap_false_leaves_the_heap_alone(tiny, monkeypatch):
-    """trainer.release_heap=false: no FSDP unit's reduce hook trims, and a step never calls the trim."""
+def test_release_heap_false_keeps_the_heap(tiny, monkeypatch):
+    """trainer.release_heap=false: glibc's heap is kept for reuse (rl.grpo.heap.keep_freed_heap: thresholds
+    raised, trimming off), no FSDP unit's reduce hook trims, a step never calls the trim, and shutdown puts
+    glibc's thresholds back (this worker runs in pytest's process)."""
     import rl.grpo.trainer_worker as tw
+    import rl.rollout.engine_heap as eh
 
-    calls = []
+    calls, kept, released = [], [], []
     monkeypatch.setattr(tw, "release_free_heap", lambda: calls.append(1) or True)
+    real_keep, real_release = eh.keep_step_buffers, eh.release
+    monkeypatch.setattr(eh, "keep_step_buffers", lambda *a, **k: kept.append((a, k)) or real_keep(*a, **k))
+    monkeypatch.setattr(eh, "release", lambda: released.append(1) or real_release())
     cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", ["trainer.release_heap=false", "trainer.threads=1"])
     w = _worker(cfg, tiny.qwen2)
     try:
+        assert kept == [((eh.MAX_THRESHOLD,), {"trim": eh.NEVER_TRIM})]
+        if w.heap.startswith("skipped"):
+            pytest.skip(f"glibc's thresholds not settable here: {w.heap}")
+        assert w.heap == "applied" and w.ready()["heap"] == "applied"
         comms = _reduce_comms(w)
         assert comms and not any(c.trim_heap for c in comms)
         batch = _batch(w)
@@ -175,3 +185,4 @@ def test_release_heap_false_leaves_the_heap_alone(tiny, monkeypatch):
         assert calls == []
     finally:
         w.shutdown()
+    assert released == [1] and w.heap == "released"

@@ -42,7 +42,7 @@ from rl.algos.assemble import LossTerms, Normalisers, assemble_loss
 from rl.grpo.collective_watch import CheckIn, collective
 from rl.grpo.config import GRPOConfig
 from rl.grpo.fsdp_model import compute_dtype, load_model
-from rl.grpo.heap import release_free_heap
+from rl.grpo.heap import keep_freed_heap, release_free_heap
 from rl.grpo.microbatch import computed_tokens, plan_micro_batches
 from rl.grpo.sequence_parallel import check_heads, make_sp_group
 from rl.moe.trainer_routing import RECORD_KEY, TrainerRouting, finish_weighted, packed_mask, record_of
@@ -82,6 +82,9 @@ class TrainerWorker:
             torch.cuda.set_device(self.device)
         if tc.threads > 0:
             torch.set_num_threads(tc.threads)
+        self.heap = "n/a"   # CPU: glibc's heap trimmed during each backward, or kept for reuse (rl/grpo/heap.py)
+        if self.device.type == "cpu":
+            self.heap = "trimmed" if tc.release_heap else keep_freed_heap()
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         if not dist.is_initialized():
             dist.init_process_group(backend, rank=rank, world_size=world_size,
@@ -464,7 +467,8 @@ class TrainerWorker:
 
     def ready(self) -> dict[str, Any]:
         return {"rank": self.rank, "device": str(self.device), "node_ip": _node_ip(), "node_id": _node_id(),
-                "params": sum(p.numel() for p in self.model.parameters()), "swept": getattr(self, "swept", [])}
+                "params": sum(p.numel() for p in self.model.parameters()), "swept": getattr(self, "swept", []),
+                "heap": self.heap}
 
     def peak_rss_mb(self) -> dict[str, float]:
         """This process's peak resident memory (VmHWM) and current RSS, in MB."""
@@ -475,6 +479,11 @@ class TrainerWorker:
             self.transport.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+        if self.heap == "applied":   # a worker in its caller's process (tests, tools) leaves glibc as it was
+            from rl.rollout.engine_heap import release
+
+            release()
+            self.heap = "released"
 
 
 def process_memory_mb() -> dict[str, float]:

@@ -29,6 +29,7 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MIN_THRESHOLD = 64 << 20
 MAX_THRESHOLD = 2**31 - 1                     # mallopt's value is a C int
+NEVER_TRIM = -1                               # M_TRIM_THRESHOLD -1: glibc never trims the heap's top (mallopt(3))
 RELEASED_MMAP, RELEASED_TRIM = 32 << 20, 64 << 20   # glibc's adaptive thresholds at their largest
 OTHER_ALLOCATORS = ("libtcmalloc", "libjemalloc", "libmimalloc")
 
@@ -48,10 +49,11 @@ def _loaded_allocator() -> str | None:
     return next((name for name in OTHER_ALLOCATORS if name in maps), None)
 
 
-def keep_step_buffers(threshold: int, tunables: str | None = None) -> str:
-    """Set glibc's mmap and trim thresholds of this process to `threshold` bytes. Returns what happened:
-    "applied", or "skipped: <why>" (not glibc, another allocator loaded, the user's GLIBC_TUNABLES set either
-    threshold, or mallopt refused). tunables: GLIBC_TUNABLES as the process started (default: the environment's)."""
+def keep_step_buffers(threshold: int, tunables: str | None = None, trim: int | None = None) -> str:
+    """Set glibc's mmap and trim thresholds of this process to `threshold` bytes (the trim threshold to `trim`
+    when given: NEVER_TRIM turns trimming off). Returns what happened: "applied", or "skipped: <why>" (not glibc,
+    another allocator loaded, the user's GLIBC_TUNABLES set either threshold, or mallopt refused). tunables:
+    GLIBC_TUNABLES as the process started (default: the environment's)."""
     tunables = os.environ.get("GLIBC_TUNABLES", "") if tunables is None else tunables
     if "mmap_threshold" in tunables or "trim_threshold" in tunables:
         return "skipped: GLIBC_TUNABLES sets malloc thresholds"
@@ -64,8 +66,9 @@ def keep_step_buffers(threshold: int, tunables: str | None = None) -> str:
     threshold = min(int(threshold), MAX_THRESHOLD)
     if not mallopt(M_MMAP_THRESHOLD, threshold):
         return f"skipped: mallopt refused an mmap threshold of {threshold} bytes"
-    if not mallopt(M_TRIM_THRESHOLD, threshold):
-        return f"skipped: mallopt refused a trim threshold of {threshold} bytes"
+    trim = threshold if trim is None else max(NEVER_TRIM, min(int(trim), MAX_THRESHOLD))
+    if not mallopt(M_TRIM_THRESHOLD, trim):
+        return f"skipped: mallopt refused a trim threshold of {trim} bytes"
     return "applied"
 
 
