@@ -106,7 +106,7 @@ def test_reduce_by_owner_trims_the_heap_before_allocating(monkeypatch):
 def test_keep_freed_heap_serves_a_step_again_without_page_faults():
     """rl.grpo.heap.keep_freed_heap (trainer.release_heap=false), in a fresh process: a "step" allocates, fills
     and frees five 160 MB tensors (above glibc's largest adaptive mmap threshold, 32 MiB). Under glibc's defaults
-    each is mapped afresh and every step faults all its pages in again; with the heap kept, after a few steps
+    each is mapped afresh and every step faults all its pages in again; with the heap kept, after two or three steps
     (torch's aligned allocations leave holes a same-sized tensor does not fit at first) the heap serves a step
     from pages it kept. That trimming is off (trim=NEVER_TRIM, not the engine's 2 GiB - 1) mattered in the
     trainer, where a step frees more than 2 GiB at the heap's top (rl/grpo/heap.py); too large to test here."""
@@ -136,7 +136,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         run = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=120,
                              env={**os.environ, "GLIBC_TUNABLES": ""})
         assert run.returncode == 0, run.stderr
-        out[mode] = run.stdout.split()
+        out[mode] = run.stdout.splitlines()
     if out["keep"][0].startswith("skipped: lib"):
         pytest.skip(f"another allocator is loaded: {out['keep']}")
     pages = 5 * 160_000_000 // 4096

@@ -174,8 +174,8 @@ def test_release_heap_false_keeps_the_heap(tiny, monkeypatch):
     w = _worker(cfg, tiny.qwen2)
     try:
         assert kept == [((eh.MAX_THRESHOLD,), {"trim": eh.NEVER_TRIM})]
-        if w.heap.startswith("skipped"):
-            pytest.skip(f"glibc's thresholds not settable here: {w.heap}")
+        if w.heap.startswith(("skipped: lib", "skipped: GLIBC_TUNABLES", "skipped: no glibc")):
+            pytest.skip(f"another allocator or the user's thresholds: {w.heap}")
         assert w.heap == "applied" and w.ready()["heap"] == "applied"
         comms = _reduce_comms(w)
         assert comms and not any(c.trim_heap for c in comms)

@@ -82,9 +82,7 @@ class TrainerWorker:
             torch.cuda.set_device(self.device)
         if tc.threads > 0:
             torch.set_num_threads(tc.threads)
-        self.heap = "n/a"   # CPU: glibc's heap trimmed during each backward, or kept for reuse (rl/grpo/heap.py)
-        if self.device.type == "cpu":
-            self.heap = "trimmed" if tc.release_heap else keep_freed_heap()
+        self.heap = "n/a"
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         if not dist.is_initialized():
             dist.init_process_group(backend, rank=rank, world_size=world_size,
@@ -101,6 +99,9 @@ class TrainerWorker:
             if rank == 0:
                 self.swept = self.transport.open_writer()   # also removes sync directories of dead runs
                 self.transport.check_room(self.transport.max_inflight * self._largest_bucket(cfg.sync.bucket_mb))
+        if self.device.type == "cpu":   # last: a start-up that failed leaves its caller's glibc alone
+            # glibc's heap trimmed during each backward, or kept for reuse from step to step (rl/grpo/heap.py)
+            self.heap = "trimmed" if tc.release_heap else keep_freed_heap()
 
     def _build(self, model_path: str, cfg: GRPOConfig) -> None:
         """Device mesh, policy (+ frozen reference / teacher), optimizer and schedule."""
@@ -479,7 +480,8 @@ class TrainerWorker:
             self.transport.close()
         if dist.is_initialized():
             dist.destroy_process_group()
-        if self.heap == "applied":   # a worker in its caller's process (tests, tools) leaves glibc as it was
+        if self.heap == "applied":   # a worker in its caller's process (tests, tools): glibc's thresholds back
+                                     # near its defaults (rl.rollout.engine_heap.release)
             from rl.rollout.engine_heap import release
 
             release()
