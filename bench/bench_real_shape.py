@@ -4,15 +4,15 @@ The model: `tiny:qwen2:shape=qwen2.5-0.5b` (hidden 896, 24 layers, 14 heads, 2 K
 vocab 151,936, tied embeddings; random init, bf16 on disk; the local tokenizer padded with unused tokens so
 every sampled id decodes). The run: Ray (local), one vLLM CPU rollout worker (bf16), one FSDP2 trainer rank with
 a thread per core and its heap kept (fp32 masters, bf16 compute; `trainer.num_workers=1 trainer.threads=<cores>
-trainer.release_heap=false`: on one CPU node the fastest trainer measured, its update 2.3-2.6x that of two ranks of
-one thread with the heap trimmed, for ~3 GB more memory in all; rl/grpo/heap.py), 4 prompts x 4 samples x 64 new tokens; overrides
-after the flags change any of it (the earlier configuration: `trainer.num_workers=2 trainer.threads=1
-trainer.release_heap=true`). The weight sync is the run's default
-(sync.method=auto: shared memory on one node; checksums at step 1 only) unless `--sync-method` / `--checksum-every
-1` ask otherwise (checked every step: the engine and the trainers also sum every tensor sent, ~0.1 s per GB each).
-Step 1 includes first-call warm-ups and a kept heap grows over steps 2-3 (its page faults stop after two or three steps);
-the last step is the steady-state number. Prints each step's time breakdown
-and the peak RSS of every process (driver, trainer ranks, rollout worker with its in-process engine).
+trainer.release_heap=false`: on one CPU node the fastest trainer measured, its update 2.3-2.6x that of two ranks
+of one thread with the heap trimmed, for ~3 GB more memory in all; rl/grpo/heap.py), 4 prompts x 4 samples x 64
+new tokens; overrides after the flags change any of it (the earlier configuration: `trainer.num_workers=2
+trainer.threads=1 trainer.release_heap=true`). The weight sync is the run's default (sync.method=auto: shared
+memory on one node; checksums at step 1 only) unless `--sync-method` / `--checksum-every 1` ask otherwise (checked
+every step: the engine and the trainers also sum every tensor sent, ~0.1 s per GB each). Step 1 includes
+first-call warm-ups, and a kept heap grows over steps 2-3 (its page faults stop after two or three steps): the last
+step is the steady-state number. Prints each step's time breakdown and the peak RSS of every process (driver,
+trainer ranks, rollout worker with its in-process engine).
 
   .venv/bin/python bench/bench_real_shape.py [--steps 4] [--new-tokens 64] [--sync-method auto|shm|file]
       [--checksum-every 0] [key=value ...]
@@ -50,8 +50,8 @@ def main() -> None:
     cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", [
         "model.path=tiny:qwen2:shape=qwen2.5-0.5b", "model.dtype=bfloat16", "data.max_prompt_tokens=512",
         "rollout.batch_prompts=4", "rollout.n=4", f"rollout.max_new_tokens={a.new_tokens}", "rollout.max_model_len=1024",
-        "rollout.kv_cache_gb=1", "rollout.enforce_eager=false", "trainer.micro_batch_tokens=2048", "trainer.num_workers=1",
-        f"trainer.threads={len(os.sched_getaffinity(0))}", "trainer.release_heap=false",
+        "rollout.kv_cache_gb=1", "rollout.enforce_eager=false", "trainer.micro_batch_tokens=2048",
+        "trainer.num_workers=1", f"trainer.threads={len(os.sched_getaffinity(0))}", "trainer.release_heap=false",
         "trainer.lr=1e-6", f"sync.checksum_every={a.checksum_every}", f"sync.method={a.sync_method}",
         "sync.bucket_mb=256", "checkpoint.every=0", "log.progress=false",
         f"log.output_dir={out}", "resources.ray_address=local", f"trainer.max_steps={a.steps}", *a.overrides])
@@ -93,8 +93,9 @@ def main() -> None:
 def print_floor(r: dict, threads: int) -> None:
     """The step against this machine's compute floor (as bench/grpo_vs_trl.py: 6N FLOPs per trained token, 2N
     per forward token, at the bf16 GEMM rate measured now with all the trainer ranks' threads, at most the
-    cores). perf/train_flops is the update's 6N x trained tokens (prompt + response, padding excluded); generation and the old-log-prob forward are counted as
-    2N per token of those sequences (generation slightly over: a group's prompt is prefilled once)."""
+    cores). perf/train_flops is the update's 6N x trained tokens (prompt + response, padding excluded);
+    generation and the old-log-prob forward are counted as 2N per token of those sequences (generation slightly
+    over: a group's prompt is prefilled once)."""
     from bench.grpo_vs_trl import matmul_tflops
 
     rate = matmul_tflops(896, 151936, threads=threads)["bf16"] * 1e12

