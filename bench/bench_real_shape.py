@@ -47,11 +47,12 @@ def main() -> None:
     from rl.grpo.trainer_worker import process_memory_mb
 
     out = Path(tempfile.mkdtemp(prefix="r1lab-real-shape-"))
+    cores = len(os.sched_getaffinity(0))
     cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", [
         "model.path=tiny:qwen2:shape=qwen2.5-0.5b", "model.dtype=bfloat16", "data.max_prompt_tokens=512",
         "rollout.batch_prompts=4", "rollout.n=4", f"rollout.max_new_tokens={a.new_tokens}", "rollout.max_model_len=1024",
         "rollout.kv_cache_gb=1", "rollout.enforce_eager=false", "trainer.micro_batch_tokens=2048",
-        "trainer.num_workers=1", f"trainer.threads={len(os.sched_getaffinity(0))}", "trainer.release_heap=false",
+        "trainer.num_workers=1", f"trainer.threads={cores}", "trainer.release_heap=false",
         "trainer.lr=1e-6", f"sync.checksum_every={a.checksum_every}", f"sync.method={a.sync_method}",
         "sync.bucket_mb=256", "checkpoint.every=0", "log.progress=false",
         f"log.output_dir={out}", "resources.ray_address=local", f"trainer.max_steps={a.steps}", *a.overrides])
@@ -82,7 +83,6 @@ def main() -> None:
               f" send {r['perf/sync_send_s']:.1f}s, finish {r['perf/sync_finish_s']:.1f}s, engine load "
               f"{r['perf/sync_load_s']:.1f}s), checksum_ok={r.get('sync/checksum_ok')}"
               f", logprob_diff {r['rollout/logprob_diff']:.4f}")
-    cores = len(os.sched_getaffinity(0))
     print_floor(rows[-1], min(cores, (tc.threads or cores) * tc.num_workers))   # every trainer thread of the node
     print(f"{'process':<18} {'peak RSS MB':>12} {'RSS now MB':>11}")
     for name, m in mem.items():

@@ -106,6 +106,28 @@ def heldout_file():
     return write_heldout
 
 
+def heap_fault_probe(code: str, modes: tuple[str, ...]) -> dict[str, list[str]]:
+    """Run `code` (a heap test's page-fault probe: it prints its heap verdict and fault counts, one per line) in a
+    fresh process per mode (`sys.argv[1]`), with glibc's tunables cleared. Skips where its fault counts mean
+    nothing (transparent huge pages always on: far fewer faults than one per 4 KiB page in any mode) or where
+    another allocator is loaded (the "keep" mode's verdict)."""
+    import subprocess
+    import sys
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists() and "[always]" in thp.read_text():
+        pytest.skip("transparent huge pages always on: far fewer faults than one per 4 KiB page in any mode")
+    out = {}
+    for mode in modes:
+        run = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "GLIBC_TUNABLES": ""})
+        assert run.returncode == 0, run.stderr
+        out[mode] = run.stdout.splitlines()   # a verdict may hold spaces
+    if out["keep"][0].startswith("skipped: lib"):
+        pytest.skip(f"another allocator is loaded: {out['keep']}")
+    return out
+
+
 def write_heldout(path: Path, n: int = 128, **knobs) -> str:
     """Held-out chain-sum problems as a JSONL benchmark file."""
     from data.tasks import make_task, write_problems_jsonl

@@ -176,13 +176,8 @@ def test_keeping_step_buffers_stops_the_page_faults():
     """In a fresh process: a 40 MB buffer allocated, filled and freed 20 times first-touches its pages every time
     under glibc's defaults (one minor fault per 4 KiB page at least), after keep_step_buffers mostly not (the heap
     serves it again; 6 of the 20 grew the heap in one run here)."""
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import heap_fault_probe
 
-    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if thp.exists() and "[always]" in thp.read_text():
-        pytest.skip("transparent huge pages always on: far fewer faults than one per 4 KiB page in either mode")
     code = """
 import resource, sys, torch
 from rl.rollout.engine_heap import keep_step_buffers, release
@@ -198,14 +193,7 @@ for _ in range(20):
     torch.empty(10_000_000).fill_(1.0)
 print(faults() - before)
 """
-    out = {}
-    for mode in ("default", "keep", "release"):
-        run = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=120,
-                             env={**__import__("os").environ, "GLIBC_TUNABLES": ""})
-        assert run.returncode == 0, run.stderr
-        out[mode] = run.stdout.splitlines()   # a verdict may hold spaces
-    if out["keep"][0].startswith("skipped: lib"):
-        pytest.skip(f"another allocator is loaded: {out['keep']}")
+    out = heap_fault_probe(code, ("default", "keep", "release"))
     assert out["keep"][0] == "applied" and out["release"][:2] == ["applied", "True"]
     assert int(out["default"][0]) >= 20 * 9_000 and int(out["keep"][1]) < int(out["default"][0]) / 2, out
     assert int(out["release"][2]) >= 20 * 9_000, out           # released: a 40 MB buffer is mapped afresh again

@@ -109,15 +109,11 @@ def test_keep_freed_heap_serves_a_step_again_without_page_faults():
     each is mapped afresh and every step faults all its pages in again; with the heap kept the heap grows for a few
     steps (torch's aligned allocations leave holes a same-sized tensor does not fit at first: 3-5 steps in six runs
     here) and then serves every step from pages it kept (a step that needed no new memory leaves the heap as it
-    found it, so the next one repeats it). 12 steps, the last one measured. That trimming is off (trim=NEVER_TRIM, not the engine's 2 GiB - 1) mattered in the
-    trainer, where a step frees more than 2 GiB at the heap's top (rl/grpo/heap.py); too large to test here."""
-    import subprocess
-    import sys
-    from pathlib import Path
+    found it, so the next one repeats it). 12 steps, the last one measured. That trimming is off (trim=NEVER_TRIM,
+    not the engine's 2 GiB - 1) mattered in the trainer, where a step frees more than 2 GiB at the heap's top
+    (rl/grpo/heap.py); too large to test here."""
+    from conftest import heap_fault_probe
 
-    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if thp.exists() and "[always]" in thp.read_text():
-        pytest.skip("transparent huge pages always on: far fewer faults than one per 4 KiB page in either mode")
     code = """
 import resource, sys, torch
 from rl.grpo.heap import keep_freed_heap
@@ -132,14 +128,7 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 step()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
-    out = {}
-    for mode in ("default", "keep"):
-        run = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=120,
-                             env={**os.environ, "GLIBC_TUNABLES": ""})
-        assert run.returncode == 0, run.stderr
-        out[mode] = run.stdout.splitlines()
-    if out["keep"][0].startswith("skipped: lib"):
-        pytest.skip(f"another allocator is loaded: {out['keep']}")
+    out = heap_fault_probe(code, ("default", "keep"))
     pages = 5 * 80_000_000 // 4096
     assert out["keep"][0] == "applied" and int(out["default"][1]) >= 0.9 * pages, out
     assert int(out["keep"][1]) < 0.05 * pages, out

@@ -79,11 +79,11 @@ def release() -> bool:
     mallopt = _mallopt()
     if mallopt is None:
         return False
+    from rl.grpo.heap import release_free_heap
+
     mallopt(M_MMAP_THRESHOLD, RELEASED_MMAP)
     mallopt(M_TRIM_THRESHOLD, RELEASED_TRIM)
-    libc = ctypes.CDLL("libc.so.6")
-    libc.malloc_trim.argtypes = (ctypes.c_size_t,)
-    libc.malloc_trim(0)
+    release_free_heap()
     return True
 
 
