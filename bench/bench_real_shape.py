@@ -8,13 +8,14 @@ trainer.release_heap=false`: on one CPU node the fastest trainer measured, its u
 of one thread with the heap trimmed, for ~3 GB more memory in all; rl/grpo/heap.py), 4 prompts x 4 samples x 64
 new tokens; overrides after the flags change any of it (the earlier configuration: `trainer.num_workers=2
 trainer.threads=1 trainer.release_heap=true`). The weight sync is the run's default (sync.method=auto: shared
-memory on one node; checksums at step 1 only) unless `--sync-method` / `--checksum-every 1` ask otherwise (checked
-every step: the engine and the trainers also sum every tensor sent, ~0.1 s per GB each). Step 1 includes
-first-call warm-ups, and a kept heap grows over steps 2-3 (its page faults stop after two or three steps): the last
-step is the steady-state number. Prints each step's time breakdown and the peak RSS of every process (driver,
+memory on one node; checksums at step 1 only; each side with its share of the cores while it runs: sync.threads)
+unless `--sync-method` / `--checksum-every 1` ask otherwise (checked every step: the engine and the trainers also
+sum every tensor sent, ~0.1 s per GB each). Step 1 includes first-call warm-ups, and the kept heaps grow for a few
+steps (the trainer's page faults stop after two or three steps, the engine's reloads after three or four): the
+last of the 5 steps is the steady-state number. Prints each step's time breakdown and the peak RSS of every process (driver,
 trainer ranks, rollout worker with its in-process engine).
 
-  .venv/bin/python bench/bench_real_shape.py [--steps 4] [--new-tokens 64] [--sync-method auto|shm|file]
+  .venv/bin/python bench/bench_real_shape.py [--steps 5] [--new-tokens 64] [--sync-method auto|shm|file]
       [--checksum-every 0] [key=value ...]
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--sync-method", default="auto", choices=["auto", "shm", "file"])
     ap.add_argument("--checksum-every", type=int, default=0, help="sync.checksum_every (0: step 1 only)")

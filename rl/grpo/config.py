@@ -319,7 +319,14 @@ class SyncConfig:
     bucket_mb: float = opt(512, "weights are gathered, sent and loaded this many MB at a time (bounds the memory "
                               "a sync needs)")
     timeout_s: float = opt(300.0, "timeout for each transfer")
+    threads: int = opt(0, "CPU: torch threads of every trainer rank and engine while a transfer runs (both sides "
+                          "run at once; rl.grpo.sync.threads): 0 = auto (a run on one CPU node gives each of them "
+                          "an equal share of the node's cores for the transfer: 1.25 -> 0.78 s at the 0.5B shape on "
+                          "2 cores with the engine's kept heap), n = n threads each, -1 = leave them as they are")
     checksum_every: int = opt(0, "verify engine weights == trainer weights every N steps (step 0 always)")
+
+    def validate(self) -> None:
+        require(self.threads >= -1, "sync.threads", "must be >= -1 (0 = auto, -1 = leave the thread counts alone)")
 
 
 @dataclass

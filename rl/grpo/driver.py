@@ -48,6 +48,7 @@ from rl.grpo.recovery import (
 )
 from rl.grpo.rewards_check import FailureWatch, merge_reward_metrics
 from rl.grpo.rollout_queue import RolloutQueue
+from rl.grpo.sync.threads import participants
 from rl.model_card import CardInfo, write_model_card
 
 log = logging.getLogger("r1lab.grpo")
@@ -590,8 +591,11 @@ class GRPODriver:
         tid = self.transfers   # the transfer's id in the transport (a re-send to one engine gets its own)
         bucket = self.cfg.sync.bucket_mb
         spec = self.sync_spec()
-        load = {j: self.rollouts[j].load_weights.remote(spec, tid, j, check) for j in readers}
-        push = [w.push_weights.remote(tid, bucket, check, readers, load if i == 0 else None)
+        res, info = self.cfg.resources, self.placement_info
+        on_trainer, on_engine = participants(res.trainer_gpus == 0 and res.rollout_gpus == 0, info["trainer_nodes"],
+                                             info["rollout_nodes"], readers)   # processes sharing each one's cores
+        load = {j: self.rollouts[j].load_weights.remote(spec, tid, j, check, on_engine[j]) for j in readers}
+        push = [w.push_weights.remote(tid, bucket, check, readers, load if i == 0 else None, on_trainer[i])
                 for i, w in enumerate(self.trainers)]
         pushed = self._get(push, self.cfg.sync.timeout_s * 2, "weight sync (trainers)")
         sent = dict(pushed[0])

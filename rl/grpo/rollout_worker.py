@@ -56,7 +56,7 @@ class RolloutWorker:
         self.llm = make_llm(model_path, dtype=cfg.model.dtype, max_model_len=r.max_model_len, seed=seed,
                             enforce_eager=True if r.enforce_eager else None, in_process=True,
                             kv_cache_gb=r.kv_cache_gb, return_routed_experts=r.return_routed_experts,
-                            quantization=r.quantization, int8_lm_head=r.int8_lm_head, **kw)
+                            quantization=r.quantization, int8_lm_head=r.int8_lm_head, reloaded=True, **kw)
         self.cfg = cfg
         self.scorer = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="r1lab-score")
@@ -146,11 +146,16 @@ class RolloutWorker:
             mark_outages(res, samples)
         return res
 
-    def load_weights(self, spec: dict, version: int, reader: int, checksum: bool) -> dict[str, Any]:
+    def load_weights(self, spec: dict, version: int, reader: int, checksum: bool, sharing: int = 0
+                     ) -> dict[str, Any]:
         """Reload weight version `version` as the trainer streams it (rl.grpo.sync); with `checksum`, the
-        sums of the tensors fed to the engine."""
+        sums of the tensors fed to the engine. `sharing`: the transfer's processes on this node, which share its
+        cores meanwhile (rl.grpo.sync.threads)."""
+        from rl.grpo.sync.threads import sync_threads
+
         t0 = time.perf_counter()
-        (sums,) = self.llm.collective_rpc("r1lab_load_stream", args=(spec, version, reader, checksum))[:1]
+        threads = sync_threads(self.cfg.sync.threads, sharing)
+        (sums,) = self.llm.collective_rpc("r1lab_load_stream", args=(spec, version, reader, checksum, threads))[:1]
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         return {"sums": sums, "seconds": time.perf_counter() - t0}
 

@@ -102,6 +102,9 @@ class TrainerWorker:
         if self.device.type == "cpu":   # last: a start-up that failed leaves its caller's glibc alone
             # glibc's heap trimmed during each backward, or kept for reuse from step to step (rl/grpo/heap.py)
             self.heap = "trimmed" if tc.release_heap else keep_freed_heap()
+            if self.heap.startswith("skipped"):   # the engine logs its verdict; the trainer says it too
+                print(f"[r1lab] trainer rank {rank}: trainer.release_heap=false is not applied ({self.heap}); the "
+                      "update runs with the allocator's own policy", flush=True)
 
     def _build(self, model_path: str, cfg: GRPOConfig) -> None:
         """Device mesh, policy (+ frozen reference / teacher), optimizer and schedule."""
@@ -355,14 +358,22 @@ class TrainerWorker:
 
     @collective("push_weights")
     def push_weights(self, version: int, bucket_mb: float, checksum: bool, readers: list[int] | None = None,
-                     reader_calls: dict[int, Any] | None = None) -> dict[str, Any] | None:
+                     reader_calls: dict[int, Any] | None = None, sharing: int = 0) -> dict[str, Any] | None:
         """Collective. Stream the policy, cast to the engine's dtype, bucket by bucket through the transport.
         sync.shards=gather: every rank takes part in the all-gathers, rank 0 writes full tensors. local: every
         rank writes its own FSDP pieces, nothing is gathered (rl.grpo.sync.gather.iter_local_shards). Rank 0
         returns the bucket count, bytes and seconds; every writing rank returns the float64 sums of what it
         wrote when `checksum` (the driver adds them up in rank order). `readers`: the rollout readers this
         transfer addresses (default all); `reader_calls`: reader -> the Ray ref of its load call, so that writer 0
-        stops waiting for a reader whose call failed (rl.grpo.recovery.stopped_readers)."""
+        stops waiting for a reader whose call failed (rl.grpo.recovery.stopped_readers); `sharing`: the transfer's
+        processes on this node, which share its cores meanwhile (rl.grpo.sync.threads)."""
+        from rl.grpo.sync.threads import sync_threads, torch_threads
+
+        with torch_threads(sync_threads(self.cfg.sync.threads, sharing)):
+            return self._push_weights(version, bucket_mb, checksum, readers, reader_calls)
+
+    def _push_weights(self, version: int, bucket_mb: float, checksum: bool, readers: list[int] | None,
+                      reader_calls: dict[int, Any] | None) -> dict[str, Any] | None:
         from rl.grpo.recovery import stopped_readers
         from rl.grpo.sync import buckets, iter_local_shards, local_buckets, tensor_sums
 

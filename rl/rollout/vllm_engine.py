@@ -46,7 +46,7 @@ def make_llm(model: str, *, dtype: str = "auto", seed: int = 0, max_model_len: i
              gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1,
              enforce_eager: bool | None = None, logprobs_mode: str = "processed_logprobs", in_process: bool = False,
              kv_cache_gb: float = 0.0, return_routed_experts: bool = False, quantization: str = "none",
-             int8_lm_head: bool = False, **kwargs: Any):
+             int8_lm_head: bool = False, reloaded: bool = False, **kwargs: Any):
     """Create a `vllm.LLM` with defaults that work on CPU and GPU; extra kwargs go to `LLM` unchanged.
 
     dtype: "auto" = fp32 on CPU (bf16 changes tiny models' greedy decodes vs an fp32 trainer), the checkpoint's
@@ -68,7 +68,10 @@ def make_llm(model: str, *, dtype: str = "auto", seed: int = 0, max_model_len: i
     (4,000 samples: 11.8 s vs 11.2 s). vLLM's parallel state is per process: one in-process engine at a time,
     shut down before the next starts (a second one alive beside it fails, e.g. an MoE model's expert group).
     On CPU the engine's worker keeps its per-step buffers in malloc's heap (rl.rollout.engine_heap); for an
-    in-process engine that is this process, until `shutdown`."""
+    in-process engine that is this process, until `shutdown`. reloaded: the engine's weights are reloaded in place
+    every step (GRPO's rollout workers): on CPU its worker keeps every freed buffer below 2 GiB in the heap and
+    never trims it, so that a reload reuses the memory the last one freed instead of faulting in fresh pages
+    (0.5B shape, one thread: a reload 0.65 -> 0.48 s, ~200k page faults -> 0, resident memory +0.9 GB)."""
     from vllm import LLM
 
     from rl.rollout.quantization import engine_dtype, engine_model
@@ -113,7 +116,7 @@ def make_llm(model: str, *, dtype: str = "auto", seed: int = 0, max_model_len: i
     finally:  # vLLM's CPU worker makes it a no-op for the whole process; an in-process engine must not
         torch.set_num_threads = set_num_threads
     if on_cpu():
-        heap = llm.collective_rpc("r1lab_keep_step_buffers")[0]
+        heap = llm.collective_rpc("r1lab_keep_step_buffers", args=(reloaded,))[0]
         llm._r1lab_heap_here = in_process and heap == "applied"      # this process's malloc: undone at shutdown
         log.info("engine heap (rl.rollout.engine_heap): %s", heap)
     if quantization != "none":

@@ -45,11 +45,15 @@ class R1WorkerExtension:
         """Whether this worker's sampler skips the division by a temperature of 1.0 (rl.rollout.cpu_sampler)."""
         return cpu_sampler.installed()["temperature"]
 
-    def r1lab_keep_step_buffers(self) -> str:
+    def r1lab_keep_step_buffers(self, reloads: bool = False) -> str:
         """Keep the per-step vocabulary-sized buffers in malloc's heap (rl.rollout.engine_heap), sized for this
-        engine's max_num_seqs and vocabulary. Returns what happened ("applied" or "skipped: why")."""
-        from rl.rollout.engine_heap import keep_step_buffers, threshold_bytes
+        engine's max_num_seqs and vocabulary; with `reloads` (weights reloaded in place every step) every freed
+        buffer below 2 GiB, never trimmed, so that a reload reuses the last one's memory. Returns what happened
+        ("applied" or "skipped: why")."""
+        from rl.rollout.engine_heap import MAX_THRESHOLD, NEVER_TRIM, keep_step_buffers, threshold_bytes
 
+        if reloads:
+            return keep_step_buffers(MAX_THRESHOLD, trim=NEVER_TRIM)
         cfg = self.vllm_config  # type: ignore[attr-defined]
         return keep_step_buffers(threshold_bytes(cfg.scheduler_config.max_num_seqs, cfg.model_config.get_vocab_size()))
 
@@ -124,11 +128,14 @@ class R1WorkerExtension:
 
         return self._r1lab_reload(tensors(), checksum=checksum)
 
-    def r1lab_load_stream(self, spec: dict, version: int, reader: int, checksum: bool) -> dict[str, float] | None:
+    def r1lab_load_stream(self, spec: dict, version: int, reader: int, checksum: bool, threads: int = 0
+                          ) -> dict[str, float] | None:
         """In-place reload of weight version `version` as the trainer streams it through the transport
-        described by `spec` (rl.grpo.sync.transport): buckets are loaded as they arrive."""
+        described by `spec` (rl.grpo.sync.transport): buckets are loaded as they arrive, with at most `threads`
+        torch threads (0: as many as the engine has; rl.grpo.sync.threads)."""
         import json
 
+        from rl.grpo.sync.threads import torch_threads
         from rl.grpo.sync.transport import make_transport
 
         key = json.dumps(spec, sort_keys=True)   # kept between syncs: a shm reader keeps its slot mappings
@@ -139,7 +146,8 @@ class R1WorkerExtension:
         # the transport sums what arrives piece by piece, as the writing rank(s) did (one piece per tensor with
         # a single writer; each rank's FSDP piece with sync.shards=local)
         transport.collect_sums = checksum
-        self._r1lab_reload(transport.receive(version, reader), checksum=False, verify=checksum)
+        with torch_threads(threads):
+            self._r1lab_reload(transport.receive(version, reader), checksum=False, verify=checksum)
         return transport.piece_sums if checksum else None
 
     def _r1lab_reload(self, tensors, checksum: bool, verify: bool | None = None) -> dict[str, float] | None:
