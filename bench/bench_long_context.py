@@ -47,7 +47,7 @@ def _rank(rank: int, k: int, port: int, model: str, L: int, threads: int, out: s
 
     from rl.config import load_config
     from rl.grpo.config import GRPOConfig
-    from rl.grpo.heap import release_free_heap
+    from rl.heap import release_free_heap
     from rl.grpo.trainer_worker import TrainerWorker
 
     n = PROMPT + L

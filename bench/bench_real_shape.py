@@ -5,14 +5,14 @@ vocab 151,936, tied embeddings; random init, bf16 on disk; the local tokenizer p
 every sampled id decodes). The run: Ray (local), one vLLM CPU rollout worker (bf16), one FSDP2 trainer rank with
 a thread per core and its heap kept (fp32 masters, bf16 compute; `trainer.num_workers=1 trainer.threads=<cores>
 trainer.release_heap=false`: on one CPU node the fastest trainer measured, its update 2.3-2.6x that of two ranks
-of one thread with the heap trimmed, for ~3 GB more memory in all; rl/grpo/heap.py), 4 prompts x 4 samples x 64
+of one thread with the heap trimmed, for ~3 GB more memory in all; rl/heap.py), 4 prompts x 4 samples x 64
 new tokens; overrides after the flags change any of it (the earlier configuration: `trainer.num_workers=2
 trainer.threads=1 trainer.release_heap=true`). The weight sync is the run's default (sync.method=auto: shared
 memory on one node; checksums at step 1 only; each side with its share of the cores while it runs: sync.threads)
 unless `--sync-method` / `--checksum-every 1` ask otherwise (checked every step: the engine and the trainers also
 sum every tensor sent, ~0.1 s per GB each). Step 1 includes first-call warm-ups, and the kept heaps grow for a few
 steps (the trainer's page faults stop after two or three steps, the engine's reloads after three or four): the
-last of the 5 steps is the steady-state number. Prints each step's time breakdown and the peak RSS of every process (driver,
+last step (of 5 by default) is the steady-state number. Prints each step's time breakdown and the peak RSS of every process (driver,
 trainer ranks, rollout worker with its in-process engine).
 
   .venv/bin/python bench/bench_real_shape.py [--steps 5] [--new-tokens 64] [--sync-method auto|shm|file]

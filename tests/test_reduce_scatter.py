@@ -1,6 +1,6 @@
 """FSDP2's reduce-scatter on gloo as reduces to each chunk's owner (rl/grpo/reduce_scatter.py): the same values
 as torch's reduce-scatter, on two gloo ranks; and the trainer installs it on every FSDP unit. Its heap trim
-(rl/grpo/heap.py) gives freed memory back."""
+(rl/heap.py) gives freed memory back."""
 from __future__ import annotations
 
 import json
@@ -68,7 +68,7 @@ def test_release_free_heap_returns_freed_blocks_to_the_os():
     resident until release_free_heap (glibc malloc_trim) gives them back."""
     import ctypes
 
-    from rl.grpo.heap import _malloc_trim, release_free_heap
+    from rl.heap import _malloc_trim, release_free_heap
 
     if _malloc_trim() is None:
         pytest.skip("not glibc: nothing to trim with")
@@ -104,19 +104,19 @@ def test_reduce_by_owner_trims_the_heap_before_allocating(monkeypatch):
 
 
 def test_keep_freed_heap_serves_a_step_again_without_page_faults():
-    """rl.grpo.heap.keep_freed_heap (trainer.release_heap=false), in a fresh process: a "step" allocates, fills
+    """rl.heap.keep_freed_heap (trainer.release_heap=false), in a fresh process: a "step" allocates, fills
     and frees five 80 MB tensors (above glibc's largest adaptive mmap threshold, 32 MiB). Under glibc's defaults
     each is mapped afresh and every step faults all its pages in again; with the heap kept the heap grows for a few
     steps (torch's aligned allocations leave holes a same-sized tensor does not fit at first: 3-5 steps in six runs
     here) and then serves every step from pages it kept (a step that needed no new memory leaves the heap as it
     found it, so the next one repeats it). 12 steps, the last one measured. That trimming is off (trim=NEVER_TRIM,
     not the engine's 2 GiB - 1) mattered in the trainer, where a step frees more than 2 GiB at the heap's top
-    (rl/grpo/heap.py); too large to test here."""
+    (rl/heap.py); too large to test here."""
     from conftest import heap_fault_probe
 
     code = """
 import resource, sys, torch
-from rl.grpo.heap import keep_freed_heap
+from rl.heap import keep_freed_heap
 print(keep_freed_heap() if sys.argv[1] == "keep" else "default")
 def step():
     ts = [torch.empty(20_000_000) for _ in range(5)]

@@ -68,7 +68,7 @@ def test_the_trainers_push_runs_with_its_share_and_restores_its_threads(two_thre
         fake.cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", [f"sync.threads={setting}"])
         assert TrainerWorker.push_weights(fake, 1, 1.0, False, sharing=sharing) == {"ok": 1}
         assert torch.get_num_threads() == two_threads
-    assert seen == [max(1, share(2 * two_threads)), two_threads, two_threads, 1]
+    assert seen == [min(two_threads, share(2 * two_threads)), two_threads, two_threads, 1]   # never raised
 
 
 def test_the_engines_load_runs_with_the_threads_it_is_given(two_threads, tmp_path):
@@ -83,7 +83,7 @@ def test_the_engines_load_runs_with_the_threads_it_is_given(two_threads, tmp_pat
                            llm=SimpleNamespace(collective_rpc=lambda m, args: calls.append((m, args)) or [None],
                                                reset_prefix_cache=lambda: None))
     RolloutWorker.load_weights(fake, {"kind": "file"}, 3, 0, False, sharing=2 * two_threads)
-    assert calls == [("r1lab_load_stream", ({"kind": "file"}, 3, 0, False, max(1, share(2 * two_threads))))]
+    assert calls == [("r1lab_load_stream", ({"kind": "file"}, 3, 0, False, share(2 * two_threads)))]
 
     writer = FileTransport(str(tmp_path), "t", readers=1, timeout_s=30)
     writer.open_writer()
@@ -105,17 +105,45 @@ def test_the_engines_load_runs_with_the_threads_it_is_given(two_threads, tmp_pat
 
 
 def test_a_reloaded_engine_keeps_its_whole_heap(monkeypatch):
-    """make_llm(reloaded=True) (GRPO's rollout workers) asks the engine's worker for the reload policy: mmap
+    """make_llm(keep_heap=True) (rollout.keep_heap, GRPO's rollout workers' default) asks the engine's worker for the reload policy: mmap
     threshold 2 GiB - 1 and no trimming, where other engines get the step-buffer threshold."""
-    import rl.rollout.engine_heap as engine_heap
+    from rl import heap
     from rl.rollout.worker_ext import R1WorkerExtension
 
     asked = []
-    monkeypatch.setattr(engine_heap, "keep_step_buffers", lambda t, trim=None: asked.append((t, trim)) or "applied")
+    monkeypatch.setattr(heap, "keep_step_buffers", lambda t, trim=None: asked.append((t, trim)) or "applied")
     cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=64),
                           model_config=SimpleNamespace(get_vocab_size=lambda: 1000))
     engine = SimpleNamespace(vllm_config=cfg)
     assert R1WorkerExtension.r1lab_keep_step_buffers(engine, True) == "applied"
     assert R1WorkerExtension.r1lab_keep_step_buffers(engine) == "applied"
-    assert asked == [(engine_heap.MAX_THRESHOLD, engine_heap.NEVER_TRIM),
-                     (engine_heap.threshold_bytes(64, 1000), None)]
+    assert asked == [(heap.MAX_THRESHOLD, heap.NEVER_TRIM), (heap.threshold_bytes(64, 1000), None)]
+
+
+def test_the_driver_gives_each_process_of_a_transfer_its_nodes_count(monkeypatch):
+    """GRPODriver.transfer_weights: every trainer rank's push and every reading engine's load is told how many
+    of the transfer's processes share its node (two trainer ranks and engine 0 on node a, engine 1 on node b)."""
+    import rl.grpo.driver as drv
+
+    pushes, loads = [], []
+
+    def actor(record, result):
+        return SimpleNamespace(**{("push_weights" if record is pushes else "load_weights"): SimpleNamespace(
+            remote=lambda *a: record.append(a) or result)})
+
+    sent = {"buckets": 1, "bytes": 8, "gather_s": 0.0, "send_s": 0.0, "finish_s": 0.0, "sums": None}
+    cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", [])
+    d = SimpleNamespace(cfg=cfg, transfers=0, sync_writers=1, sync_spec=lambda: {"kind": "shm"},
+                        placement_info={"trainer_nodes": ["a", "a"], "rollout_nodes": ["a", "b"]},
+                        trainers=[actor(pushes, sent), actor(pushes, None)],
+                        rollouts=[actor(loads, "ref0"), actor(loads, "ref1")], _get=lambda refs, t, what: refs)
+    monkeypatch.setattr(drv, "gather_loads", lambda d_, load, t: ({j: {"seconds": 0.1} for j in load}, {}))
+    drv.GRPODriver.transfer_weights(d, False)
+    assert [a[-1] for a in pushes] == [3, 3] and [a[-1] for a in loads] == [3, 1]
+    pushes.clear(), loads.clear()
+    drv.GRPODriver.transfer_weights(d, False, readers=[1])          # a replacement engine, loaded alone
+    assert [a[-1] for a in pushes] == [2, 2] and [a[-1] for a in loads] == [1]   # alone on node b
+    cfg.resources.trainer_gpus = 1
+    pushes.clear(), loads.clear()
+    drv.GRPODriver.transfer_weights(d, False)                       # GPU trainers: nothing shared
+    assert [a[-1] for a in pushes] == [0, 0] and [a[-1] for a in loads] == [0, 0]

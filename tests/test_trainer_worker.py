@@ -76,7 +76,7 @@ def test_bf16_compute_updates_fp32_masters_and_pushes_their_bf16_cast(tiny, tmp_
         after = w.state_sums()
         params = [k for k in before if k.startswith("param:")]
         assert all(p.dtype == torch.float32 for p in w.model.parameters())
-        # one CPU rank: every FSDP unit's reduce hook gives the backward's freed heap back (rl/grpo/heap.py)
+        # one CPU rank: every FSDP unit's reduce hook gives the backward's freed heap back (rl/heap.py)
         comms = _reduce_comms(w)
         assert comms and all(getattr(c, "trim_heap", False) for c in comms), comms
         changed = [k for k in params if after[k] != before[k]]
@@ -159,11 +159,11 @@ def _fresh_state(path):
 
 
 def test_release_heap_false_keeps_the_heap(tiny, monkeypatch):
-    """trainer.release_heap=false: glibc's heap is kept for reuse (rl.grpo.heap.keep_freed_heap: thresholds
+    """trainer.release_heap=false: glibc's heap is kept for reuse (rl.heap.keep_freed_heap: thresholds
     raised, trimming off), no FSDP unit's reduce hook trims, a step never calls the trim, and shutdown puts
     glibc's thresholds back (this worker runs in pytest's process)."""
     import rl.grpo.trainer_worker as tw
-    import rl.rollout.engine_heap as eh
+    import rl.heap as eh
 
     calls, kept, released = [], [], []
     monkeypatch.setattr(tw, "release_free_heap", lambda: calls.append(1) or True)

@@ -108,7 +108,7 @@ def test_the_engine_counts_token_ranks_eagerly_and_exactly(vllm_engine):
 
 
 def test_the_engine_draws_from_its_distribution_by_inverse_cdf(vllm_engine, tiny):
-    """rl.rollout.cpu_sampler and rl.rollout.engine_heap run in the engine's worker process: its sampler draws by
+    """rl.rollout.cpu_sampler and rl.heap run in the engine's worker process: its sampler draws by
     inverse CDF and the heap thresholds are set. 4,000 one-token samples of one prompt at T=0.7 and top-k 20
     follow transformers' distribution (softmax of logits / T over the top 20): every token within 5 sigma, none
     outside the top k."""
@@ -151,8 +151,8 @@ def test_cpu_kv_cache_is_what_the_sequences_need():
 def test_an_in_process_engine_leaves_this_process_as_it_found_it(tiny):
     """vLLM's CPU worker makes torch.set_num_threads a no-op for its whole process and freezes vLLM's environment
     cache; an in-process engine (one at a time) must leave neither behind, nor its heap thresholds
-    (rl.rollout.engine_heap: released at shutdown), and it gets a KV cache of its need."""
-    import rl.rollout.engine_heap as engine_heap
+    (rl.heap: released at shutdown), and it gets a KV cache of its need."""
+    import rl.heap as engine_heap
     from vllm import envs
 
     from rl.rollout.vllm_engine import _set_multiprocessing, cpu_kv_cache_bytes, make_llm, shutdown

@@ -111,7 +111,7 @@ def load_model(path: str, mc, device: torch.device, mesh, *, trainable: bool, ch
     trainable: fp32 master weights with the mixed-precision policy of `mc.dtype` (and LoRA adapters when
     mc.lora_r > 0); frozen: weights in the compute dtype, eval mode, no gradients. packing: attention through
     rl.grpo.sequence_parallel's packed attention (packed rows only), split over the group `sp`. release_heap: on
-    CPU, each unit's gradient reduce first gives the heap's freed memory back (rl/grpo/heap.py)."""
+    CPU, each unit's gradient reduce first gives the heap's freed memory back (rl/heap.py)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoModelForCausalLM
 

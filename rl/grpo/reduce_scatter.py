@@ -10,7 +10,7 @@ Qwen2.5-0.5B's shape): 0.75-0.81 s and 521 MB of extra peak memory per rank -> 0
 results are bitwise equal (fp32 sums of two ranks).
 Installed by `install(module)` on every FSDP unit of a trainer on gloo (rl/grpo/fsdp_model.py); NCCL keeps its
 own reduce-scatter. With `trim_heap` (every CPU trainer, one rank too, where FSDP2 allocates through the hook but
-never reduces), `allocate` first returns the heap's freed memory to the OS (rl/grpo/heap.py): the hook is FSDP2's
+never reduces), `allocate` first returns the heap's freed memory to the OS (rl/heap.py): the hook is FSDP2's
 one public point in each unit's backward, just before its largest allocations.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from rl.grpo.heap import release_free_heap
+from rl.heap import release_free_heap
 
 try:   # FSDP2's comm hooks (torch >= 2.8); without them FSDP keeps its default
     from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - older torch
 
 class ReduceByOwner(ReduceScatter):
     """reduce_scatter(output [n], input [k * n], op) as k reduces of input's chunks to their owners.
-    trim_heap: release the heap's free memory before each allocation (rl/grpo/heap.py)."""
+    trim_heap: release the heap's free memory before each allocation (rl/heap.py)."""
 
     def __init__(self, trim_heap: bool = False):
         super().__init__()

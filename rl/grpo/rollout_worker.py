@@ -56,7 +56,7 @@ class RolloutWorker:
         self.llm = make_llm(model_path, dtype=cfg.model.dtype, max_model_len=r.max_model_len, seed=seed,
                             enforce_eager=True if r.enforce_eager else None, in_process=True,
                             kv_cache_gb=r.kv_cache_gb, return_routed_experts=r.return_routed_experts,
-                            quantization=r.quantization, int8_lm_head=r.int8_lm_head, reloaded=True, **kw)
+                            quantization=r.quantization, int8_lm_head=r.int8_lm_head, keep_heap=r.keep_heap, **kw)
         self.cfg = cfg
         self.scorer = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="r1lab-score")

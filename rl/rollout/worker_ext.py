@@ -45,15 +45,15 @@ class R1WorkerExtension:
         """Whether this worker's sampler skips the division by a temperature of 1.0 (rl.rollout.cpu_sampler)."""
         return cpu_sampler.installed()["temperature"]
 
-    def r1lab_keep_step_buffers(self, reloads: bool = False) -> str:
-        """Keep the per-step vocabulary-sized buffers in malloc's heap (rl.rollout.engine_heap), sized for this
-        engine's max_num_seqs and vocabulary; with `reloads` (weights reloaded in place every step) every freed
+    def r1lab_keep_step_buffers(self, whole: bool = False) -> str:
+        """Keep the per-step vocabulary-sized buffers in malloc's heap (rl.heap), sized for this
+        engine's max_num_seqs and vocabulary; with `whole` (weights reloaded in place every step) every freed
         buffer below 2 GiB, never trimmed, so that a reload reuses the last one's memory. Returns what happened
         ("applied" or "skipped: why")."""
-        from rl.rollout.engine_heap import MAX_THRESHOLD, NEVER_TRIM, keep_step_buffers, threshold_bytes
+        from rl.heap import keep_freed_heap, keep_step_buffers, threshold_bytes
 
-        if reloads:
-            return keep_step_buffers(MAX_THRESHOLD, trim=NEVER_TRIM)
+        if whole:
+            return keep_freed_heap()
         cfg = self.vllm_config  # type: ignore[attr-defined]
         return keep_step_buffers(threshold_bytes(cfg.scheduler_config.max_num_seqs, cfg.model_config.get_vocab_size()))
 

@@ -4,17 +4,20 @@ The synchronous loop never generates and trains at once, so on a CPU node each s
 (`rollout.threads=0`, `trainer.threads`). A weight sync is the exception: the trainer ranks cast and write bucket
 k + 1 while the engines load bucket k. With both at their full thread counts the node runs more threads than it
 has cores, and GNU OpenMP's idle threads spin-wait after every parallel region (GOMP_SPINCOUNT) on the cores the
-other process needs. `sync.threads` (0 = auto, the default) gives every process of a transfer its share of the
-node's cores for the transfer only (`share`), and puts its thread count back afterwards (`torch_threads`).
+other process needs. `sync.threads` (0 = auto, the default) gives every process of a transfer on a CPU run an
+equal share of its node's cores among the transfer's processes on that node, for the transfer only (`share`),
+and puts its thread count back afterwards (`torch_threads`); a count is only ever lowered.
 
 Measured at Qwen2.5-0.5B's shape on a 2-core node (one FSDP2 rank of 2 threads writing 942 MB through the
 shared-memory transport in 256 MB buckets, one vLLM CPU engine of 2 threads loading; 8 syncs, median of the last
 6): both sides at 2 threads 1.25 s (0.56-0.60 s of it the trainer's cast, which alone takes 0.22 s); one thread
-each during the sync 0.99 s; with the engine's heap kept as well (`rl.rollout.engine_heap`, reloads without
+each during the sync 0.99 s; with the engine's heap kept as well (`rl.heap`, reloads without
 page faults) **0.78 s** (0.76-0.81 s, no outliers). `OMP_WAIT_POLICY=PASSIVE` for the whole run instead: 0.95 s
 for the sync, but the update took 13.1 s instead of 9.5 s and generation 6.2 s instead of 5.6 s (every parallel
-region waits for its threads to wake). Only CPU runs on one node are touched: on GPUs the cast and the load run
-on the devices, and across nodes a transfer's processes do not share cores.
+region waits for its threads to wake). Auto leaves GPU runs alone (the cast and the load run on the devices); an
+explicit `sync.threads=n` caps every transfer's processes at n threads wherever they run. The share is equal:
+a process that uses fewer threads than its share (`trainer.threads=1`) leaves the rest of it idle, and an engine
+still generating during a replacement engine's transfer (rl.grpo.recovery) is not counted.
 """
 from __future__ import annotations
 
@@ -34,8 +37,8 @@ def share(participants: int, cores: int | None = None) -> int:
 
 
 def sync_threads(setting: int, participants: int) -> int:
-    """What a transfer's process uses: `setting` (sync.threads) when > 0; for 0 (auto), this node's share of
-    cores among `participants` (0 participants: the run is not a one-node CPU run, nothing changes); -1: nothing
+    """At most how many threads a transfer's process uses: `setting` (sync.threads) when > 0; for 0 (auto), its
+    node's share of cores among `participants` (0 participants: not a CPU run, nothing changes); -1: nothing
     changes. Returns 0 for "leave the thread count alone"."""
     if setting > 0:
         return setting
