@@ -161,7 +161,8 @@ def _fresh_state(path):
 def test_release_heap_false_keeps_the_heap(tiny, monkeypatch):
     """trainer.release_heap=false: glibc's heap is kept for reuse (rl.heap.keep_freed_heap: thresholds
     raised, trimming off), no FSDP unit's reduce hook trims, a step never calls the trim, and shutdown puts
-    glibc's thresholds back (this worker runs in pytest's process)."""
+    glibc's thresholds back (this worker runs in pytest's process). Each micro-batch's forward and backward ask
+    rl.grpo.attention_kernel for SDPA's kernel at its longest row's length (trainer.math_attention_below)."""
     import rl.grpo.trainer_worker as tw
     import rl.heap as eh
 
@@ -170,7 +171,10 @@ def test_release_heap_false_keeps_the_heap(tiny, monkeypatch):
     real_keep, real_release = eh.keep_step_buffers, eh.release
     monkeypatch.setattr(eh, "keep_step_buffers", lambda *a, **k: kept.append((a, k)) or real_keep(*a, **k))
     monkeypatch.setattr(eh, "release", lambda: released.append(1) or real_release())
-    cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", ["trainer.release_heap=false", "trainer.threads=1"])
+    kernels, real_sdpa = [], tw.training_sdpa
+    monkeypatch.setattr(tw, "training_sdpa", lambda n, dev, below: kernels.append((n, below)) or real_sdpa(n, dev, below))
+    cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", ["trainer.release_heap=false", "trainer.threads=1",
+                                                             "trainer.math_attention_below=150"])
     w = _worker(cfg, tiny.qwen2)
     try:
         assert kept == [((eh.MAX_THRESHOLD,), {"trim": eh.NEVER_TRIM})]
@@ -183,6 +187,9 @@ def test_release_heap_false_keeps_the_heap(tiny, monkeypatch):
         batch["old_logp"] = w.compute_logprobs(batch)["old_logp"]
         w.update(batch)
         assert calls == []
+        longest = int(batch["attention_mask"].sum(-1).max())
+        assert kernels and all(below == 150 and 0 < n <= longest for n, below in kernels), kernels
+        assert len(kernels) % 2 == 0 and kernels[::2] == kernels[1::2]   # forward, then backward, per micro-batch
     finally:
         w.shutdown()
     assert released == [1] and w.heap == "released"

@@ -250,6 +250,10 @@ class TrainerConfig:
                                         "verl's use_dynamic_bsz): padded, (longest row) x (rows) <= it; packed, "
                                         "the real tokens of a micro-batch <= it x sequence_parallel, so each rank "
                                         "holds at most this many; a longer sequence gets a micro-batch of its own")
+    math_attention_below: int = opt(192, "CPU: micro-batches of padded rows shorter than this many tokens compute "
+                                         "attention with SDPA's math kernel instead of flash, whose backward has a "
+                                         "fixed cost per 32-row block below 192 tokens (17 rows of 113 tokens: "
+                                         "29 vs 57 ms per layer; rl/grpo/attention_kernel.py); 0 = always flash")
     packing: bool = opt(False, "pack each micro-batch's sequences into one row without padding (verl: "
                                "use_remove_padding): positions restart per sequence and attention stays within "
                                "each (flash-attention varlen on CUDA when flash_attn is installed, else SDPA); "
@@ -297,6 +301,7 @@ class TrainerConfig:
         require(self.num_workers % self.sequence_parallel == 0, "trainer.sequence_parallel",
                 f"trainer.num_workers={self.num_workers} is not divisible by sequence_parallel="
                 f"{self.sequence_parallel} (workers form groups of sequence_parallel ranks)")
+        require(self.math_attention_below >= 0, "trainer.math_attention_below", "must be >= 0 (0 = always flash)")
         require(self.packing or self.sequence_parallel == 1, "trainer.sequence_parallel",
                 f"sequence_parallel={self.sequence_parallel} splits packed rows: set trainer.packing=true")
         require(all(isinstance(m, int) for m in self.milestones), "trainer.milestones", "must be integers")

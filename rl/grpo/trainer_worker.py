@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from rl.algos.assemble import LossTerms, Normalisers, assemble_loss
+from rl.grpo.attention_kernel import training_sdpa
 from rl.grpo.collective_watch import CheckIn, collective
 from rl.grpo.config import GRPOConfig
 from rl.grpo.fsdp_model import compute_dtype, load_model
@@ -289,7 +290,10 @@ class TrainerWorker:
         for g in range(self._max(len(groups))):
             self.checkin.mark(f"update micro-batch {g}")
             idx = groups[g] if g < len(groups) else None
-            lp, ent, L, rec = self._score(self.model, batch, idx, with_entropy=need_entropy, phase="update")
+            # padded rows (packed rows are one long row): SDPA's kernel by length (rl/grpo/attention_kernel.py)
+            rows_len = 0 if idx is None or self.packing else max(lengths[i] for i in local[g])
+            with training_sdpa(rows_len, self.device, cfg.trainer.math_attention_below):
+                lp, ent, L, rec = self._score(self.model, batch, idx, with_entropy=need_entropy, phase="update")
             if idx is None:
                 (lp.sum() * 0.0).backward()  # keeps FSDP's collectives in step with other ranks
                 continue
@@ -314,7 +318,8 @@ class TrainerWorker:
             # FSDP averages gradients over ranks; the normalisers are already global, so undo the mean. With
             # sequence parallelism every rank of a group holds this same loss, but its backward reaches only the
             # rank's own tokens (rl.grpo.sequence_parallel.gather_seq): the group's ranks add up to one gradient
-            (loss * self.world).backward()
+            with training_sdpa(rows_len, self.device, cfg.trainer.math_attention_below):
+                (loss * self.world).backward()
             metrics.update(extra)
             if self.routing is not None:
                 metrics.update(self.routing.metrics.take())   # moe/*: value x weight, and the weights
