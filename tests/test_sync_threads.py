@@ -147,3 +147,23 @@ def test_the_driver_gives_each_process_of_a_transfer_its_nodes_count(monkeypatch
     pushes.clear(), loads.clear()
     drv.GRPODriver.transfer_weights(d, False)                       # GPU trainers: nothing shared
     assert [a[-1] for a in pushes] == [0, 0] and [a[-1] for a in loads] == [0, 0]
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_rollout_keep_heap_reaches_the_engine(keep, monkeypatch):
+    """rollout.keep_heap is what GRPO's rollout worker asks make_llm for (keep_heap=...), which passes it to the
+    engine's worker (`r1lab_keep_step_buffers(whole)`, above)."""
+    import rl.rollout.vllm_engine as vllm_engine
+    from rl.grpo.rollout_worker import RolloutWorker
+
+    asked = {}
+
+    def fake_make_llm(path, **kw):
+        asked.update(kw)
+        return SimpleNamespace()
+
+    monkeypatch.setattr(vllm_engine, "make_llm", fake_make_llm)
+    monkeypatch.setattr("rl.grpo.rollout_worker.set_engine_threads", lambda n: None)
+    cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", [f"rollout.keep_heap={str(keep).lower()}"])
+    RolloutWorker("unused-path", cfg, seed=0)
+    assert asked["keep_heap"] is keep and asked["in_process"] is True

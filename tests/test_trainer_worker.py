@@ -99,6 +99,41 @@ def test_bf16_compute_updates_fp32_masters_and_pushes_their_bf16_cast(tiny, tmp_
     assert not (tmp_path / "shm" / "r1lab-sync-test").exists()
 
 
+
+def test_each_micro_batch_asks_for_sdpas_kernel_at_its_longest_row(tiny, monkeypatch):
+    """rl.grpo.attention_kernel: the update's forward and backward of each micro-batch, and the old-log-prob pass,
+    ask for SDPA's kernel at the micro-batch's longest row (trainer.math_attention_below); the update counts every
+    layer's attention as kept for the backward (no gradient checkpointing), the log-prob pass one; the tiny
+    model's rows then run the math kernel."""
+    import rl.grpo.trainer_worker as tw
+
+    kernels, real_sdpa = [], tw.training_sdpa
+
+    def spy(n, dev, below, **kw):
+        ctx = real_sdpa(n, dev, below, **kw)
+        kernels.append((n, below, kw["rows"], kw["layers_held"], type(ctx).__name__))
+        return ctx
+
+    monkeypatch.setattr(tw, "training_sdpa", spy)
+    cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", ["trainer.threads=1", "trainer.math_attention_below=150"])
+    w = _worker(cfg, tiny.qwen2)
+    try:
+        batch = _batch(w)
+        lengths = batch["attention_mask"].sum(-1)
+        kernels.clear()
+        batch["old_logp"] = w.compute_logprobs(batch)["old_logp"]
+        assert kernels and all(held == 1 for *_, held, _ in kernels)
+        assert sum(rows for _, _, rows, _, _ in kernels) == len(lengths)
+        kernels.clear()
+        w.update(batch)
+        layers = w.model.hf.config.num_hidden_layers
+        assert kernels and len(kernels) % 2 == 0 and kernels[::2] == kernels[1::2], kernels   # forward, backward
+        assert all(below == 150 and held == layers for _, below, _, held, _ in kernels), kernels
+        assert max(n for n, *_ in kernels) == int(lengths.max()) and sum(k[2] for k in kernels[::2]) == len(lengths)
+        assert int(lengths.max()) < 150 and all(name != "nullcontext" for *_, name in kernels)   # math, every time
+    finally:
+        w.shutdown()
+
 def _torchrun(nproc: int, args: list[str], tmp_path: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
@@ -161,8 +196,7 @@ def _fresh_state(path):
 def test_release_heap_false_keeps_the_heap(tiny, monkeypatch):
     """trainer.release_heap=false: glibc's heap is kept for reuse (rl.heap.keep_freed_heap: thresholds
     raised, trimming off), no FSDP unit's reduce hook trims, a step never calls the trim, and shutdown puts
-    glibc's thresholds back (this worker runs in pytest's process). Each micro-batch's forward and backward ask
-    rl.grpo.attention_kernel for SDPA's kernel at its longest row's length (trainer.math_attention_below)."""
+    glibc's thresholds back (this worker runs in pytest's process)."""
     import rl.grpo.trainer_worker as tw
     import rl.heap as eh
 
@@ -171,10 +205,7 @@ def test_release_heap_false_keeps_the_heap(tiny, monkeypatch):
     real_keep, real_release = eh.keep_step_buffers, eh.release
     monkeypatch.setattr(eh, "keep_step_buffers", lambda *a, **k: kept.append((a, k)) or real_keep(*a, **k))
     monkeypatch.setattr(eh, "release", lambda: released.append(1) or real_release())
-    kernels, real_sdpa = [], tw.training_sdpa
-    monkeypatch.setattr(tw, "training_sdpa", lambda n, dev, below: kernels.append((n, below)) or real_sdpa(n, dev, below))
-    cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", ["trainer.release_heap=false", "trainer.threads=1",
-                                                             "trainer.math_attention_below=150"])
+    cfg = load_config(GRPOConfig, "configs/tiny_grpo.yaml", ["trainer.release_heap=false", "trainer.threads=1"])
     w = _worker(cfg, tiny.qwen2)
     try:
         assert kept == [((eh.MAX_THRESHOLD,), {"trim": eh.NEVER_TRIM})]
@@ -187,9 +218,6 @@ def test_release_heap_false_keeps_the_heap(tiny, monkeypatch):
         batch["old_logp"] = w.compute_logprobs(batch)["old_logp"]
         w.update(batch)
         assert calls == []
-        longest = int(batch["attention_mask"].sum(-1).max())
-        assert kernels and all(below == 150 and 0 < n <= longest for n, below in kernels), kernels
-        assert len(kernels) % 2 == 0 and kernels[::2] == kernels[1::2]   # forward, then backward, per micro-batch
     finally:
         w.shutdown()
     assert released == [1] and w.heap == "released"

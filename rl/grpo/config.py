@@ -35,7 +35,7 @@ class RolloutConfig:
     keep_heap: bool = opt(True, "CPU: each engine keeps the memory an in-place weight reload frees for the next one "
                                 "(rl.heap.keep_freed_heap: reloads without page faults, 0.65 -> 0.48 s at the 0.5B "
                                 "shape on one thread), so its resident memory stays near its high-water mark (+0.45-0.9 "
-                                "GB there, up to about one more copy of the weights); false = glibc returns it")
+                                "GB there, up to about one more copy of the weights); false = only the per-step decode buffers are kept")
     async_steps: int = opt(0, "overlap: generate the batches of up to this many later steps while the current one "
                               "trains (weights at most this many steps stale; 0 = synchronous). "
                               "algo.rollout_correction corrects for the staleness too")
@@ -253,7 +253,8 @@ class TrainerConfig:
     math_attention_below: int = opt(192, "CPU: micro-batches of padded rows shorter than this many tokens compute "
                                          "attention with SDPA's math kernel instead of flash, whose backward has a "
                                          "fixed cost per 32-row block below 192 tokens (17 rows of 113 tokens: "
-                                         "29 vs 57 ms per layer; rl/grpo/attention_kernel.py); 0 = always flash")
+                                         "29 vs 57 ms per layer), when what it keeps for the backward fits 1 GiB "
+                                         "(rl/grpo/attention_kernel.py); 0 = always flash")
     packing: bool = opt(False, "pack each micro-batch's sequences into one row without padding (verl: "
                                "use_remove_padding): positions restart per sequence and attention stays within "
                                "each (flash-attention varlen on CUDA when flash_attn is installed, else SDPA); "
@@ -301,7 +302,9 @@ class TrainerConfig:
         require(self.num_workers % self.sequence_parallel == 0, "trainer.sequence_parallel",
                 f"trainer.num_workers={self.num_workers} is not divisible by sequence_parallel="
                 f"{self.sequence_parallel} (workers form groups of sequence_parallel ranks)")
-        require(self.math_attention_below >= 0, "trainer.math_attention_below", "must be >= 0 (0 = always flash)")
+        require(0 <= self.math_attention_below <= 1024, "trainer.math_attention_below",
+                "must be in [0, 1024] (0 = always flash; the math kernel's time and memory grow with the square of "
+                "the length, and flash is 2-4x faster from 256 tokens on)")
         require(self.packing or self.sequence_parallel == 1, "trainer.sequence_parallel",
                 f"sequence_parallel={self.sequence_parallel} splits packed rows: set trainer.packing=true")
         require(all(isinstance(m, int) for m in self.milestones), "trainer.milestones", "must be integers")

@@ -229,7 +229,8 @@ class TrainerWorker:
             self.checkin.mark(f"compute_logprobs micro-batch {g}")
             idx = groups[g] if g < len(groups) else None
             for key, model in models.items():
-                lp, _, length, rec = self._score(model, batch, idx, phase="old" if key == "old_logp" else None)
+                with self._sdpa(lengths, idx, backward=False):   # the kernel the update will use for these rows
+                    lp, _, length, rec = self._score(model, batch, idx, phase="old" if key == "old_logp" else None)
                 if idx is not None:
                     out[key][idx, :length] = lp.float().cpu()
                 if record and rec is not None:
@@ -241,6 +242,16 @@ class TrainerWorker:
                     out[RECORD_KEY][idx, :ids.shape[1]] = ids
         out["seconds"] = time.perf_counter() - t0
         return out
+
+    def _sdpa(self, lengths: list[int], group: list[int] | None, backward: bool):
+        """SDPA's kernel for the padded rows `group` (indices into `lengths`; None: no rows) on CPU
+        (rl/grpo/attention_kernel.py); packed rows are one long row: PyTorch's choice."""
+        hf = self.model.hf.config
+        length = 0 if group is None or self.packing else max(lengths[i] for i in group)
+        layers = getattr(hf, "num_hidden_layers", 1)
+        held = layers if backward and not self.cfg.model.gradient_checkpointing else 1
+        return training_sdpa(length, self.device, self.cfg.trainer.math_attention_below,
+                             rows=len(group or ()), heads=getattr(hf, "num_attention_heads", 1), layers_held=held)
 
     @collective("update")
     def update(self, batch: Batch) -> dict[str, float]:
@@ -290,9 +301,7 @@ class TrainerWorker:
         for g in range(self._max(len(groups))):
             self.checkin.mark(f"update micro-batch {g}")
             idx = groups[g] if g < len(groups) else None
-            # padded rows (packed rows are one long row): SDPA's kernel by length (rl/grpo/attention_kernel.py)
-            rows_len = 0 if idx is None or self.packing else max(lengths[i] for i in local[g])
-            with training_sdpa(rows_len, self.device, cfg.trainer.math_attention_below):
+            with self._sdpa(lengths, local[g] if idx is not None else None, backward=True):
                 lp, ent, L, rec = self._score(self.model, batch, idx, with_entropy=need_entropy, phase="update")
             if idx is None:
                 (lp.sum() * 0.0).backward()  # keeps FSDP's collectives in step with other ranks
@@ -318,7 +327,7 @@ class TrainerWorker:
             # FSDP averages gradients over ranks; the normalisers are already global, so undo the mean. With
             # sequence parallelism every rank of a group holds this same loss, but its backward reaches only the
             # rank's own tokens (rl.grpo.sequence_parallel.gather_seq): the group's ranks add up to one gradient
-            with training_sdpa(rows_len, self.device, cfg.trainer.math_attention_below):
+            with self._sdpa(lengths, local[g] if idx is not None else None, backward=True):
                 (loss * self.world).backward()
             metrics.update(extra)
             if self.routing is not None:
