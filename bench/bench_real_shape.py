@@ -12,8 +12,8 @@ memory on one node; checksums at step 1 only; each side with its share of the co
 unless `--sync-method` / `--checksum-every 1` ask otherwise (checked every step: the engine and the trainers also
 sum every tensor sent, ~0.1 s per GB each). Step 1 includes first-call warm-ups, and the kept heaps grow for a few
 steps (the trainer's page faults stop after two or three steps, the engine's reloads after three or four): the
-last step (of 5 by default) is the steady-state number. Prints each step's time breakdown and the peak RSS of every process (driver,
-trainer ranks, rollout worker with its in-process engine).
+last step (of 5 by default) is the steady-state number. Prints each step's time breakdown and the peak RSS of
+every process (driver, trainer ranks, rollout worker with its in-process engine).
 
   .venv/bin/python bench/bench_real_shape.py [--steps 5] [--new-tokens 64] [--sync-method auto|shm|file]
       [--checksum-every 0] [key=value ...]

@@ -90,7 +90,6 @@ import ctypes.util
 import functools
 import os
 
-
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MIN_THRESHOLD = 64 << 20

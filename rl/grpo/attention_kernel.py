@@ -30,7 +30,6 @@ import contextlib
 
 import torch
 
-
 MATH_BUDGET = 1 << 30        # bytes the math kernel may keep for a backward, over the layers that keep it
 MATH_BYTES_PER_SCORE = 8     # measured: fp32 probabilities and what autograd keeps beside them
 

@@ -34,8 +34,9 @@ class RolloutConfig:
                           "synchronous loop never generates and trains at once)")
     keep_heap: bool = opt(True, "CPU: each engine keeps the memory an in-place weight reload frees for the next one "
                                 "(rl.heap.keep_freed_heap: reloads without page faults, 0.65 -> 0.48 s at the 0.5B "
-                                "shape on one thread), so its resident memory stays near its high-water mark (+0.45-0.9 "
-                                "GB there, up to about one more copy of the weights); false = only the per-step decode buffers are kept")
+                                "shape on one thread), so its resident memory stays near its high-water mark "
+                                "(+0.45-0.9 GB there, up to about one more copy of the weights); false = only the "
+                                "per-step decode buffers are kept")
     async_steps: int = opt(0, "overlap: generate the batches of up to this many later steps while the current one "
                               "trains (weights at most this many steps stale; 0 = synchronous). "
                               "algo.rollout_correction corrects for the staleness too")

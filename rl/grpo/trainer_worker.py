@@ -43,9 +43,9 @@ from rl.grpo.attention_kernel import training_sdpa
 from rl.grpo.collective_watch import CheckIn, collective
 from rl.grpo.config import GRPOConfig
 from rl.grpo.fsdp_model import compute_dtype, load_model
-from rl.heap import keep_freed_heap, release_free_heap
 from rl.grpo.microbatch import computed_tokens, plan_micro_batches
 from rl.grpo.sequence_parallel import check_heads, make_sp_group
+from rl.heap import keep_freed_heap, release_free_heap
 from rl.moe.trainer_routing import RECORD_KEY, TrainerRouting, finish_weighted, packed_mask, record_of
 from rl.packing import PackedLayout
 

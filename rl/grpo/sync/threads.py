@@ -11,8 +11,8 @@ and puts its thread count back afterwards (`torch_threads`); a count is only eve
 Measured at Qwen2.5-0.5B's shape on a 2-core node (one FSDP2 rank of 2 threads writing 942 MB through the
 shared-memory transport in 256 MB buckets, one vLLM CPU engine of 2 threads loading; 8 syncs, median of the last
 6): both sides at 2 threads 1.25 s (0.56-0.60 s of it the trainer's cast, which alone takes 0.22 s); one thread
-each during the sync 0.99 s; with the engine's heap kept as well (`rl.heap`, reloads without
-page faults) **0.78 s** (0.76-0.81 s, no outliers). `OMP_WAIT_POLICY=PASSIVE` for the whole run instead: 0.95 s
+each during the sync 0.99 s; with the engine's heap kept as well (`rl.heap`, reloads without page faults)
+**0.78 s** (0.76-0.81 s, no outliers). `OMP_WAIT_POLICY=PASSIVE` for the whole run instead: 0.95 s
 for the sync, but the update took 13.1 s instead of 9.5 s and generation 6.2 s instead of 5.6 s (every parallel
 region waits for its threads to wake). Auto leaves GPU runs alone (the cast and the load run on the devices); an
 explicit `sync.threads=n` caps every transfer's processes at n threads wherever they run. The share is equal:
