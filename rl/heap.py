@@ -149,25 +149,23 @@ def release() -> bool:
     return True
 
 
-def _mallopt():
+@functools.lru_cache(maxsize=None)
+def _glibc(name: str, argtypes: tuple, restype=ctypes.c_int):
+    """glibc's function `name` bound once per process, None where the C library has none (musl, macOS)."""
     try:
-        fn = ctypes.CDLL("libc.so.6").mallopt
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_int)
-    fn.restype = ctypes.c_int
+    fn.argtypes, fn.restype = list(argtypes), restype
     return fn
 
 
-@functools.lru_cache(maxsize=1)
+def _mallopt():
+    return _glibc("mallopt", (ctypes.c_int, ctypes.c_int))
+
+
 def _malloc_trim():
-    name = ctypes.util.find_library("c")
-    try:
-        fn = ctypes.CDLL(name or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):   # not glibc (musl, macOS): nothing to trim with
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-    return fn
+    return _glibc("malloc_trim", (ctypes.c_size_t,))
 
 
 def release_free_heap() -> bool:
@@ -182,5 +180,6 @@ def keep_freed_heap() -> str:
     gathers and gradient reduces, the fp32 gradients freed by zero_grad, the log-prob chunks) are reused from one
     step to the next instead of mapped and first-touched again. GRPO's CPU engines take the same policy, for the
     tensors each in-place reload allocates and frees (rl.rollout.worker_ext.r1lab_keep_step_buffers; measured
-    in rl.rollout.vllm_engine.make_llm's docstring). Returns `keep_step_buffers`' verdict ("applied" or "skipped: why")."""
+    in rl.rollout.vllm_engine.make_llm's docstring). Returns `keep_step_buffers`' verdict ("applied" or
+    "skipped: why")."""
     return keep_step_buffers(MAX_THRESHOLD, trim=NEVER_TRIM)

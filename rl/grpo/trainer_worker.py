@@ -301,7 +301,8 @@ class TrainerWorker:
         for g in range(self._max(len(groups))):
             self.checkin.mark(f"update micro-batch {g}")
             idx = groups[g] if g < len(groups) else None
-            with self._sdpa(lengths, local[g] if idx is not None else None, backward=True):
+            rows_here = local[g] if idx is not None else None   # indices into `lengths`, for SDPA's kernel
+            with self._sdpa(lengths, rows_here, backward=True):
                 lp, ent, L, rec = self._score(self.model, batch, idx, with_entropy=need_entropy, phase="update")
             if idx is None:
                 (lp.sum() * 0.0).backward()  # keeps FSDP's collectives in step with other ranks
@@ -327,7 +328,7 @@ class TrainerWorker:
             # FSDP averages gradients over ranks; the normalisers are already global, so undo the mean. With
             # sequence parallelism every rank of a group holds this same loss, but its backward reaches only the
             # rank's own tokens (rl.grpo.sequence_parallel.gather_seq): the group's ranks add up to one gradient
-            with self._sdpa(lengths, local[g] if idx is not None else None, backward=True):
+            with self._sdpa(lengths, rows_here, backward=True):
                 (loss * self.world).backward()
             metrics.update(extra)
             if self.routing is not None:
